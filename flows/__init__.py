@@ -1,0 +1,1 @@
+"""Prefect flows, the local Prefect runtime and the `featuresum` command line."""

@@ -1,0 +1,258 @@
+"""Every file the pipeline touches: paths, atomic writes, fingerprints, Parquet schemas, checkpoints.
+
+Feature files hold `sample_id` int64, the features `f000`..`f783` as float32 and, optionally,
+`label` int64 in 0..9. Prediction files hold `sample_id` int64, `feature_sum` float64,
+`predicted_class` int64 and `confidence` float32, one row per scored row in input order.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tasks.data import NUM_CLASSES, NUM_FEATURES, Shard
+from tasks.training import CHECKPOINT_FORMAT, model_from_checkpoint
+
+FEATURE_COLUMNS = tuple(f"f{i:03d}" for i in range(NUM_FEATURES))
+DATASET_SCHEMA = pa.schema(
+    [("sample_id", pa.int64()), *((name, pa.float32()) for name in FEATURE_COLUMNS), ("label", pa.int64())]
+)
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("feature_sum", pa.float64()),
+        ("predicted_class", pa.int64()),
+        ("confidence", pa.float32()),
+    ]
+)
+# Random floats do not compress and dictionary encoding makes them slower and larger.
+PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+
+
+class InputError(ValueError):
+    """A problem with a user's file or option that retrying cannot fix; the message names it."""
+
+
+@cache
+def code_version() -> str:
+    """Hash of the source of every module that shapes an output, so a code change misses the cache."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    digest.update(torch.__version__.encode() + pa.__version__.encode())
+    return digest.hexdigest()
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    """Content key of an output: its full specification plus the code version."""
+    text = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha256(f"{code_version()}\n{text}".encode()).hexdigest()
+
+
+def output_path(directory: str | Path, kind: str, spec: dict[str, Any], suffix: str) -> Path:
+    """Content-addressed path: two different specifications never share a file."""
+    return Path(directory) / f"{kind}-{spec_key(spec)[:16]}{suffix}"
+
+
+def partial_checkpoint_path(checkpoint: Path) -> Path:
+    """Where training keeps its end-of-epoch checkpoint until it finishes."""
+    return checkpoint.with_name(checkpoint.stem + ".partial" + checkpoint.suffix)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside `path`; on success it is synced and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write a small JSON document atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
+
+
+def fingerprint(path: Path) -> str:
+    """BLAKE2b digest of a file's content."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _identity(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+
+
+def write_manifest(path: Path, content_key: str | None = None, **metadata: Any) -> dict[str, Any]:
+    """Record a finished output beside it; returns the manifest (path, fingerprint, metadata).
+
+    The fingerprint names the content: a content hash by default, or the specification key of
+    an output that is a deterministic function of its specification (saves re-reading it).
+    """
+    manifest = {
+        "path": str(path),
+        "fingerprint": content_key or fingerprint(path),
+        **_identity(path),
+        **metadata,
+    }
+    write_json(_manifest_path(path), manifest)
+    return manifest
+
+
+def is_intact(path: Path) -> bool:
+    """Whether `path` is still the very file its manifest recorded: not deleted, truncated or replaced."""
+    try:
+        manifest = json.loads(_manifest_path(path).read_text())
+        identity = _identity(path)
+    except (OSError, ValueError):
+        return False
+    return all(manifest.get(key) == value for key, value in identity.items())
+
+
+def write_parquet(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
+    """Stream record batches into a Parquet file written atomically; returns the row count."""
+    rows = 0
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+    return rows
+
+
+def shard_to_batch(shard: Shard) -> pa.RecordBatch:
+    """A generated shard as a record batch of DATASET_SCHEMA, without copying the features."""
+    columns = [pa.array(shard.sample_id.numpy())]
+    columns += [pa.array(column) for column in shard.features.numpy()]
+    columns.append(pa.array(shard.label.numpy()))
+    return pa.RecordBatch.from_arrays(columns, schema=DATASET_SCHEMA)
+
+
+def open_features(path: Path) -> pq.ParquetFile:
+    """Open a feature file and check its schema; raises InputError naming the file and the problem."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise InputError(f"{path}: not a readable Parquet file ({error})") from None
+    schema = parquet.schema_arrow
+    feature_like = [name for name in schema.names if name[:1] == "f" and name[1:].isdigit()]
+    missing = [name for name in FEATURE_COLUMNS if name not in schema.names]
+    if missing or len(feature_like) != NUM_FEATURES:
+        raise InputError(
+            f"{path}: expected {NUM_FEATURES} feature columns f000..f783, found {len(feature_like)}"
+            + (f" (missing {missing[0]})" if missing else "")
+        )
+    for name in (*FEATURE_COLUMNS, "sample_id", "label"):
+        if name not in schema.names:
+            continue
+        kind = schema.field(name).type
+        numeric = pa.types.is_floating(kind) or pa.types.is_integer(kind)
+        if not numeric:
+            raise InputError(f"{path}: column {name} has type {kind}, expected a number")
+        if name in ("sample_id", "label") and not pa.types.is_integer(kind):
+            raise InputError(f"{path}: column {name} has type {kind}, expected an integer")
+    return parquet
+
+
+def iter_feature_batches(
+    path: Path, batch_rows: int = 32_768
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Stream (sample_id, features of shape (784, rows) float32, label or None) from a feature file.
+
+    Rows without a `sample_id` column are numbered from 0. Raises InputError on non-finite features.
+    """
+    parquet = open_features(path)
+    names = parquet.schema_arrow.names
+    has_label = "label" in names
+    columns = [*FEATURE_COLUMNS] + [name for name in ("sample_id", "label") if name in names]
+    start = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            features = np.stack([batch.column(i).to_numpy(zero_copy_only=False) for i in range(NUM_FEATURES)]).astype(
+                np.float32, copy=False
+            )
+            if not np.isfinite(features).all():
+                raise InputError(f"{path}: features contain NaN, infinite or missing values")
+            if "sample_id" in names:
+                sample_id = batch.column("sample_id").to_numpy(zero_copy_only=False).astype(np.int64)
+            else:
+                sample_id = np.arange(start, start + batch.num_rows, dtype=np.int64)
+            label = batch.column("label").to_numpy(zero_copy_only=False) if has_label else None
+            start += batch.num_rows
+            yield sample_id, features, label
+    except (pa.ArrowException, OSError) as error:
+        raise InputError(f"{path}: unreadable Parquet data ({error})") from None
+
+
+def read_dataset(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a labelled feature file whole, as (features (rows, 784) float32, labels int64)."""
+    rows = open_features(path).metadata.num_rows
+    features = np.empty((rows, NUM_FEATURES), dtype=np.float32)
+    labels = np.empty(rows, dtype=np.int64)
+    start = 0
+    for _, block, label in iter_feature_batches(path):
+        if label is None:
+            raise InputError(f"{path}: a training or held-out file needs a label column")
+        end = start + block.shape[1]
+        features[start:end] = block.T
+        labels[start:end] = label
+        start = end
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise InputError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}")
+    return torch.from_numpy(features), torch.from_numpy(labels)
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write a checkpoint atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and validate a featuresum checkpoint without running any code stored in it."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused: the file holds Python objects, not a weights-only checkpoint") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a featuresum checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    try:
+        model_from_checkpoint(checkpoint, torch.device("cpu"))
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise InputError(f"{path}: the weights do not fit the model ({str(error).splitlines()[0]})") from None
+    return checkpoint

@@ -1,0 +1,70 @@
+"""Shared fixtures: a Prefect test harness for in-process flows, a real local server for the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import runtime
+
+runtime.quiet_defaults()
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """A temporary Prefect API for flows run inside the test process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def prefect(harness, tmp_path):
+    """The harness, with result storage (and so the task cache) private to this test."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        yield
+
+
+@pytest.fixture(scope="session")
+def cli_home(tmp_path_factory):
+    """A PREFECT_HOME whose local server the CLI starts on first use; stopped after the session."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    yield home
+    runtime.stop_local_server(home)
+
+
+@pytest.fixture
+def cli(cli_home, tmp_path):
+    """Run the installed `featuresum` command in a subprocess, as a user does."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(cli_home)
+
+    def run(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        command = [str(Path(sys.executable).parent / "featuresum"), *args]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    run.env = env
+    run.cwd = tmp_path
+    return run
+
+
+def run_json(result: subprocess.CompletedProcess) -> dict:
+    """The single JSON object a `--json` command printed on stdout."""
+    return json.loads(result.stdout)
+
+
+SMALL = ["--train-samples", "4000", "--holdout-samples", "1000", "--score-samples", "700", "--epochs", "2"]
+
+
+def small_run_args(tmp: Path, *extra: str) -> list[str]:
+    """`featuresum run` options for a fast run writing under `tmp`."""
+    return ["run", *SMALL, "--data-dir", str(tmp / "data"), "--artifacts-dir", str(tmp / "artifacts"), *extra]

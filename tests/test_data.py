@@ -1,0 +1,76 @@
+"""The labelling rule and deterministic, vectorised generation."""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tasks import data, storage
+
+
+def seed_rule(feature_sum: float) -> int:
+    """The original script's if/elif chain, kept verbatim as the reference."""
+    for label, bound in enumerate((-10, -5, 0, 5, 10, 15, 20, 25, 30)):
+        if feature_sum < bound:
+            return label
+    return 9
+
+
+@pytest.mark.parametrize(
+    ("value", "label"), [(-10.001, 0), (-10.0, 1), (-5.0, 2), (-0.001, 2), (0.0, 3), (29.999, 8), (30.0, 9), (99, 9)]
+)
+def test_rule_at_the_boundaries(value, label):
+    assert int(data.label_rule(torch.tensor([value], dtype=torch.float64))) == label
+
+
+def test_rule_matches_the_original_script():
+    sums = torch.randn(5000, dtype=torch.float64) * 28
+    assert data.label_rule(sums).tolist() == [seed_rule(float(s)) for s in sums]
+
+
+def test_generated_labels_follow_the_rule():
+    shard = data.generate_shard(seed=3, stream="train", index=0, rows=2000)
+    assert shard.features.shape == (data.NUM_FEATURES, 2000)
+    assert shard.features.dtype == torch.float32
+    assert torch.allclose(shard.feature_sum, shard.features.double().sum(dim=0))
+    assert torch.equal(shard.label, data.label_rule(shard.feature_sum))
+    assert set(shard.label.tolist()) == set(range(data.NUM_CLASSES))
+
+
+def test_full_shards_do_not_depend_on_dataset_size():
+    small = list(data.generate_dataset(1, "train", data.SHARD_ROWS + 5))
+    large = list(data.generate_dataset(1, "train", 2 * data.SHARD_ROWS))
+    assert [len(s.label) for s in small] == [data.SHARD_ROWS, 5]
+    assert torch.equal(small[0].features, large[0].features)
+    assert small[1].sample_id.tolist() == list(range(data.SHARD_ROWS, data.SHARD_ROWS + 5))
+
+
+def test_streams_and_seeds_differ():
+    def first(seed, stream):
+        return data.generate_shard(seed, stream, 0, 10).features
+
+    assert not torch.equal(first(0, "train"), first(0, "holdout"))
+    assert not torch.equal(first(0, "train"), first(1, "train"))
+
+
+def write(path, seed, rows=1500):
+    batches = map(storage.shard_to_batch, data.generate_dataset(seed, "train", rows))
+    return storage.write_parquet(path, storage.DATASET_SCHEMA, batches)
+
+
+def test_same_seed_gives_identical_parquet_bytes(tmp_path):
+    assert write(tmp_path / "a.parquet", 7) == 1500
+    write(tmp_path / "b.parquet", 7)
+    write(tmp_path / "c.parquet", 8)
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    assert (tmp_path / "a.parquet").read_bytes() != (tmp_path / "c.parquet").read_bytes()
+
+
+def test_dataset_schema(tmp_path):
+    write(tmp_path / "a.parquet", 0, rows=10)
+    schema = pq.read_schema(tmp_path / "a.parquet")
+    assert schema.names == ["sample_id", *(f"f{i:03d}" for i in range(784)), "label"]
+    assert str(schema.field("sample_id").type) == "int64"
+    assert {str(schema.field(f"f{i:03d}").type) for i in range(784)} == {"float"}
+    assert str(schema.field("label").type) == "int64"
+    table = pq.read_table(tmp_path / "a.parquet")
+    assert table.column("sample_id").to_pylist() == list(range(10))

@@ -1,0 +1,64 @@
+"""Model shapes, a short training run, checkpoints and resuming."""
+
+import torch
+
+from tasks import data, storage, training
+from tasks.model import FeatureSumMLP, ModelConfig
+
+
+def test_model_shapes_match_the_original_script():
+    model = FeatureSumMLP()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {"fc1.weight": (128, 784), "fc1.bias": (128,), "fc2.weight": (10, 128), "fc2.bias": (10,)}
+    assert model(torch.randn(5, 784)).shape == (5, 10)
+
+
+def dataset(seed, stream, rows):
+    shard = data.generate_shard(seed, stream, 0, rows)
+    return shard.features.T.contiguous(), shard.label
+
+
+def small_run(epochs):
+    config = training.TrainConfig(epochs=epochs, batch_size=128, lr=0.003, seed=5)
+    state = training.new_training_state(config, steps_per_epoch=-(-3000 // 128), device=torch.device("cpu"))
+    return state, config
+
+
+def test_short_training_lowers_loss_and_beats_chance():
+    state, config = small_run(epochs=4)
+    training.fit(state, dataset(5, "train", 3000), dataset(5, "holdout", 1000), config)
+    losses = [h["train_loss"] for h in state.history]
+    assert losses[-1] < losses[0] * 0.8
+    assert state.history[-1]["val_accuracy"] > 0.3
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds_the_model(tmp_path):
+    state, config = small_run(epochs=1)
+    training.fit(state, dataset(5, "train", 3000), dataset(5, "holdout", 500), config)
+    path = tmp_path / "model.pt"
+    storage.save_checkpoint(path, training.to_checkpoint(state, config, {"data_fingerprint": "abc"}))
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["model_config"] == {"input_dim": 784, "hidden_dim": 128, "num_classes": 10}
+    assert checkpoint["class_boundaries"] == list(data.CLASS_BOUNDARIES)
+    assert checkpoint["train_config"]["epochs"] == 1 and checkpoint["data_fingerprint"] == "abc"
+    model = training.model_from_checkpoint(checkpoint, torch.device("cpu"))
+    x = torch.randn(4, 784)
+    assert torch.equal(model(x), state.model.eval()(x))
+
+
+def test_resuming_gives_the_same_model_as_an_uninterrupted_run():
+    train, holdout = dataset(5, "train", 3000), dataset(5, "holdout", 500)
+    straight, config = small_run(epochs=3)
+    training.fit(straight, train, holdout, config)
+
+    first, _ = small_run(epochs=3)
+    first_config = training.TrainConfig(**{**config.__dict__, "epochs": 1})
+    training.fit(first, train, holdout, first_config)
+    checkpoint = training.to_checkpoint(first, config, {})
+    resumed, _ = small_run(epochs=3)
+    training.restore(checkpoint, resumed)
+    assert resumed.epoch == 1
+    training.fit(resumed, train, holdout, config)
+    assert resumed.epoch == 3
+    for key, value in straight.model.state_dict().items():
+        assert torch.allclose(value, resumed.model.state_dict()[key]), key

@@ -67,10 +67,12 @@ def _training_parameters(preset: Preset, **explicit: Any) -> dict[str, Any]:
 
 def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool) -> None:
     """Run a flow against the Prefect API, wait until its task runs are recorded, then report."""
+    from prefect import tags
+
     from flows import pipeline
 
     flow = {"run": pipeline.pipeline_flow, "train": pipeline.train_flow, "score": pipeline.score_flow}[flow_name]
-    with runtime.prefect_api() as api_url:
+    with runtime.prefect_api() as api_url, tags("featuresum", f"cli-{flow_name}", f"seed-{parameters['seed']}"):
         summary = flow(**parameters)
         summary["task_states"] = runtime.wait_for_task_runs(summary["flow_run_id"], list(summary.pop("task_runs")))
     summary["ui"] = f"{api_url.removesuffix('/api')}/runs/flow-run/{summary['flow_run_id']}"

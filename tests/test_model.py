@@ -3,7 +3,7 @@
 import torch
 
 from tasks import data, storage, training
-from tasks.model import FeatureSumMLP, ModelConfig
+from tasks.model import FeatureSumMLP
 
 
 def test_model_shapes_match_the_original_script():

@@ -211,3 +211,6 @@ def main() -> None:
         print(f"featuresum: error: {message}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+import flows.serve  # noqa: E402, F401  (registers `featuresum serve`; it reuses the options above)

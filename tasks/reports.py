@@ -9,11 +9,32 @@ from tasks.data import CLASS_BOUNDARIES, NUM_CLASSES
 from tasks.scoring import ScoreSummary
 
 
+def class_range(label: int) -> str:
+    """The feature sums a class stands for, e.g. '-10 <= sum < -5'."""
+    low = CLASS_BOUNDARIES[label - 1] if label > 0 else None
+    high = CLASS_BOUNDARIES[label] if label < len(CLASS_BOUNDARIES) else None
+    if low is None:
+        return f"sum < {high:g}"
+    if high is None:
+        return f"sum >= {low:g}"
+    return f"{low:g} <= sum < {high:g}"
+
+
 def _confusion_markdown(confusion: torch.Tensor) -> str:
-    header = "| true \\ predicted | " + " | ".join(map(str, range(NUM_CLASSES))) + " |"
-    rule = "|---" * (NUM_CLASSES + 1) + "|"
-    rows = [f"| **{i}** | " + " | ".join(str(int(v)) for v in row) + " |" for i, row in enumerate(confusion)]
+    """Confusion matrix with each true class's feature-sum range, row count and recall."""
+    header = "| true class | feature sum | " + " | ".join(map(str, range(NUM_CLASSES))) + " | rows | recall |"
+    rule = "|---" * (NUM_CLASSES + 4) + "|"
+    rows = []
+    for label, row in enumerate(confusion.tolist()):
+        total = sum(row)
+        recall = f"{row[label] / total:.3f}" if total else "n/a"
+        cells = " | ".join(map(str, row))
+        rows.append(f"| **{label}** | {class_range(label)} | {cells} | {total} | {recall} |")
     return "\n".join([header, rule, *rows])
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def publish_training(
@@ -22,8 +43,15 @@ def publish_training(
     """Per-epoch table and a markdown report (final metrics, confusion matrix, checkpoint path)."""
     create_table_artifact(
         key="featuresum-training-history",
-        table=history,
-        description="Per-epoch training loss and held-out accuracy",
+        table=[
+            {
+                "epoch": int(h["epoch"]),
+                "train_loss": round(h["train_loss"], 4),
+                "val_accuracy": round(h["val_accuracy"], 4),
+            }
+            for h in history
+        ],
+        description=f"Per-epoch mean training loss and held-out accuracy ({len(history)} epochs)",
     )
     create_markdown_artifact(
         key="featuresum-training-report",
@@ -31,12 +59,12 @@ def publish_training(
         markdown="\n".join(
             [
                 "# Training report",
-                f"- held-out accuracy: **{metrics['val_accuracy']:.4f}** on {metrics['holdout_rows']} rows",
-                f"- final train loss: {metrics['train_loss']}",
+                f"- held-out accuracy: **{_number(metrics['val_accuracy'])}** on {metrics['holdout_rows']} rows",
+                f"- final training loss: {_number(metrics['train_loss'])}",
+                f"- epochs: {len(history)}",
                 f"- checkpoint: `{checkpoint}`",
-                f"- class boundaries: {list(CLASS_BOUNDARIES)}",
                 "",
-                "## Confusion matrix (held-out)",
+                "## Confusion matrix (held-out rows; true class by predicted class)",
                 _confusion_markdown(confusion),
             ]
         ),
@@ -48,9 +76,14 @@ def publish_predictions(summary: ScoreSummary, predictions: str) -> None:
     accuracy = "n/a" if summary.accuracy is None else f"{summary.accuracy:.4f}"
     create_table_artifact(
         key="featuresum-predictions",
-        description=f"{summary.rows} predictions in {predictions}; accuracy on labelled rows: {accuracy}",
+        description=f"{summary.rows} predictions in `{predictions}`; accuracy on labelled rows: {accuracy}",
         table=[
-            {"predicted_class": c, "rows": n, "share": round(n / summary.rows, 4) if summary.rows else 0.0}
-            for c, n in enumerate(summary.class_counts)
+            {
+                "predicted_class": label,
+                "feature_sum": class_range(label),
+                "rows": count,
+                "share": round(count / summary.rows, 4) if summary.rows else 0.0,
+            }
+            for label, count in enumerate(summary.class_counts)
         ],
     )

@@ -6,7 +6,6 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from flows import runtime
@@ -176,7 +175,7 @@ def score(
     from tasks import storage
 
     if (input is None) == (samples is None):
-        raise click.UsageError("give exactly one of --input PARQUET or --samples N")
+        raise typer.BadParameter("give exactly one of --input PARQUET or --samples N")
     # User files are checked before any run starts, so a bad file costs one clear line, not a failed run.
     storage.load_checkpoint(model)
     if input is not None:
@@ -204,10 +203,10 @@ def main() -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="featuresum", standalone_mode=False)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(130)
-    except (click.ClickException, InputError) as error:
-        message = error.format_message() if isinstance(error, click.ClickException) else str(error)
+    except (typer.TyperException, InputError) as error:
+        message = error.format_message() if isinstance(error, typer.TyperException) else str(error)
         print(f"featuresum: error: {message}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -244,9 +245,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing a file; our error says it better.
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise InputError(f"{path}: refused: the file holds Python objects, not a weights-only checkpoint") from None
+        raise InputError(f"{path}: refused: not a weights-only checkpoint (loading it could run code)") from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:

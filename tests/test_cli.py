@@ -1,0 +1,190 @@
+"""The installed `featuresum` command, run as a subprocess against a real local Prefect server."""
+
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import run_json, small_run_args
+
+from tasks import data, storage, training
+
+
+def test_help_explains_every_command(cli):
+    result = cli("--help")
+    for command in ("run", "train", "score"):
+        assert command in result.stdout
+    assert "--train-samples" in cli("run", "--help").stdout
+
+
+def test_run_prints_one_json_object_and_a_clean_log(cli, tmp_path):
+    result = cli(*small_run_args(tmp_path), "--json")
+    summary = run_json(result)
+    for key in ("flow_run_id", "train_data", "checkpoint", "score_input", "predictions", "task_states"):
+        assert summary[key], key
+    assert set(summary["metrics"]) >= {"val_accuracy", "train_loss", "score_accuracy"}
+    assert summary["start_epoch"] == 0 and summary["epochs_completed"] == 2
+    assert sorted(summary["task_states"].values()) == ["Completed"] * 5
+    assert pq.read_table(summary["predictions"]).num_rows == 700
+    assert summary["ui"].startswith("http://127.0.0.1:")
+    for bad in ("ERROR", "Traceback", "database is locked"):
+        assert bad not in result.stderr
+
+    again = run_json(cli(*small_run_args(tmp_path), "--json"))
+    assert sorted(again["task_states"].values()) == ["Cached"] * 5
+    forced = run_json(cli(*small_run_args(tmp_path), "--json", "--refresh"))
+    assert sorted(forced["task_states"].values()) == ["Completed"] * 5
+
+
+def test_train_command_reports_training_only(cli, tmp_path):
+    args = small_run_args(tmp_path)
+    args[0] = "train"
+    args.remove("--score-samples"), args.remove("700")
+    summary = run_json(cli(*args, "--json"))
+    assert "predictions" not in summary and summary["checkpoint"].endswith(".pt")
+    assert 0 <= summary["metrics"]["val_accuracy"] <= 1
+    assert len(summary["task_states"]) == 3
+
+
+def one_error_line(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("featuresum: error:")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "--epochs", "0"], ["run", "--device", "tpu"], ["run", "--lr", "abc"], ["score", "--samples", "5"]],
+)
+def test_bad_options_give_one_line_and_exit_code_2(cli, args):
+    one_error_line(cli(*args, check=False))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real (briefly trained) checkpoint, made with the plain training code."""
+    config = training.TrainConfig(epochs=1, batch_size=256, seed=0)
+    shard = data.generate_shard(0, "train", 0, 2000)
+    x, y = shard.features.T.contiguous(), shard.label
+    state = training.new_training_state(config, 8, torch.device("cpu"))
+    training.fit(state, (x, y), (x[:200], y[:200]), config)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    storage.save_checkpoint(path, training.to_checkpoint(state, config, {"metrics": {}}))
+    return path
+
+
+def feature_table(rows=50, seed=4):
+    shard = data.generate_shard(seed, "mine", 0, rows)
+    return pa.Table.from_batches([storage.shard_to_batch(shard)])
+
+
+def score(cli, model, features, *extra):
+    output = cli.cwd / "predictions.parquet"
+    result = cli("score", "--model", str(model), "--input", str(features), "--output", str(output), *extra, check=False)
+    return result, output
+
+
+def test_score_a_user_file(cli, checkpoint, tmp_path):
+    pq.write_table(feature_table().drop(["label"]), tmp_path / "rows.parquet")
+    result, output = score(cli, checkpoint, tmp_path / "rows.parquet", "--json")
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(output).num_rows == 50
+    assert run_json(result)["metrics"].get("score_accuracy") is None
+
+
+def test_score_zero_rows_gives_an_empty_predictions_file(cli, checkpoint, tmp_path):
+    pq.write_table(feature_table().slice(0, 0), tmp_path / "empty.parquet")
+    result, output = score(cli, checkpoint, tmp_path / "empty.parquet")
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(output).num_rows == 0
+
+
+class Exploit:
+    """Unpickling this would create a file: loading must refuse it without running it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def bad_inputs(tmp_path, checkpoint):
+    """(model, features, words the error must contain) for each way a user's file can be wrong."""
+    good = tmp_path / "good.parquet"
+    table = feature_table()
+    pq.write_table(table, good)
+    cases = {}
+
+    def case(name, make_features=None, make_model=None, words=()):
+        features, model = good, checkpoint
+        if make_features:
+            features = tmp_path / f"{name}.parquet"
+            make_features(features)
+        if make_model:
+            model = tmp_path / f"{name}.pt"
+            make_model(model)
+        cases[name] = (model, features, words)
+
+    case("missing_file", lambda p: None, words=("no such file",))
+    case("not_parquet", lambda p: p.write_text("sample_id,f000\n1,2\n"), words=("not a readable Parquet",))
+    case("truncated", lambda p: p.write_bytes(good.read_bytes()[:5000]), words=("Parquet",))
+    case("missing_column", lambda p: pq.write_table(table.drop(["f100"]), p), words=("missing f100",))
+    case(
+        "extra_column",
+        lambda p: pq.write_table(table.append_column("f784", table.column("f000")), p),
+        words=("found 785",),
+    )
+
+    def strings(p):
+        index = table.schema.get_field_index("f007")
+        pq.write_table(table.set_column(index, "f007", table.column("f007").cast(pa.string())), p)
+
+    case("string_features", strings, words=("f007", "string"))
+    for name, value in (("nan", np.nan), ("infinite", np.inf)):
+
+        def poisoned(p, value=value):
+            column = table.column("f003").to_numpy().copy()
+            column[7] = value
+            index = table.schema.get_field_index("f003")
+            pq.write_table(table.set_column(index, "f003", pa.array(column)), p)
+
+        case(name, poisoned, words=("NaN, infinite",))
+    case("model_missing", make_model=lambda p: None, words=("no such file",))
+    case("model_not_ours", make_model=lambda p: torch.save({"weights": torch.zeros(3)}, p), words=("not a featuresum",))
+
+    def wrong_shapes(p):
+        bad = torch.load(checkpoint, weights_only=True)
+        bad["model_config"]["hidden_dim"] = 64
+        torch.save(bad, p)
+
+    case("model_wrong_shapes", make_model=wrong_shapes, words=("do not fit",))
+    case(
+        "model_pickle",
+        make_model=lambda p: p.write_bytes(pickle.dumps(Exploit(tmp_path / "pwned"), protocol=2)),
+        words=("refused",),
+    )
+    case("model_garbage", make_model=lambda p: p.write_bytes(b"\x00" * 100), words=("refused",))
+    return cases
+
+
+BAD_INPUTS = [
+    "missing_file", "not_parquet", "truncated", "missing_column", "extra_column", "string_features",
+    "nan", "infinite", "model_missing", "model_not_ours", "model_wrong_shapes", "model_pickle", "model_garbage",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_user_file_gives_one_clear_line(cli, checkpoint, tmp_path, name):
+    model, features, words = bad_inputs(tmp_path, checkpoint)[name]
+    result, output = score(cli, model, features)
+    culprit = model if name.startswith("model") else features
+    one_error_line(result, str(culprit), *words)
+    assert not output.exists()
+    assert not (tmp_path / "pwned").exists()
+    assert "Beginning flow run" not in result.stderr

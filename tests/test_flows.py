@@ -1,0 +1,106 @@
+"""The flows, run in-process against Prefect's test harness, checked through their Parquet outputs."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flows.pipeline import pipeline_flow, score_flow
+from tasks import data, storage
+
+SMALL = {"train_samples": 3000, "holdout_samples": 800, "score_samples": 600, "epochs": 2, "batch_size": 128}
+
+
+def run_pipeline(tmp_path, **overrides):
+    options = {**SMALL, "data_dir": str(tmp_path / "data"), "artifacts_dir": str(tmp_path / "artifacts")}
+    return pipeline_flow(**{**options, **overrides})
+
+
+def read_features(path):
+    table = pq.read_table(path)
+    features = np.stack([table.column(name).to_numpy() for name in storage.FEATURE_COLUMNS], axis=1)
+    return table, features
+
+
+@pytest.fixture
+def first_run(prefect, tmp_path):
+    return run_pipeline(tmp_path)
+
+
+def test_pipeline_writes_consistent_parquet_outputs(first_run):
+    train, train_features = read_features(first_run["train_data"])
+    assert train.num_rows == SMALL["train_samples"]
+    sums = torch.from_numpy(train_features.astype(np.float64).sum(axis=1))
+    assert train.column("label").to_pylist() == data.label_rule(sums).tolist()
+
+    batch, batch_features = read_features(first_run["score_input"])
+    predictions = pq.read_table(first_run["predictions"])
+    assert predictions.schema == storage.PREDICTIONS_SCHEMA
+    assert predictions.num_rows == batch.num_rows == SMALL["score_samples"]
+    assert predictions.column("sample_id").to_pylist() == batch.column("sample_id").to_pylist()
+    np.testing.assert_allclose(
+        predictions.column("feature_sum").to_numpy(), batch_features.astype(np.float64).sum(axis=1), rtol=1e-9
+    )
+    classes = predictions.column("predicted_class").to_numpy()
+    assert classes.min() >= 0 and classes.max() < data.NUM_CLASSES
+    confidence = predictions.column("confidence").to_numpy()
+    assert ((confidence >= 1 / data.NUM_CLASSES) & (confidence <= 1)).all()
+    expected_accuracy = (classes == batch.column("label").to_numpy()).mean()
+    assert first_run["metrics"]["score_accuracy"] == pytest.approx(expected_accuracy)
+
+
+def test_checkpoint_records_honest_held_out_metrics(first_run):
+    checkpoint = storage.load_checkpoint(storage.Path(first_run["checkpoint"]))
+    assert checkpoint["epoch"] == SMALL["epochs"] == first_run["epochs_completed"]
+    assert first_run["start_epoch"] == 0
+    assert checkpoint["metrics"]["val_accuracy"] == first_run["metrics"]["val_accuracy"]
+    assert checkpoint["metrics"]["holdout_rows"] == SMALL["holdout_samples"]
+    assert checkpoint["data_fingerprint"] != checkpoint["holdout_fingerprint"]
+    assert [h["epoch"] for h in checkpoint["history"]] == [1, 2]
+
+
+def states(summary):
+    return sorted(summary["task_runs"].values())
+
+
+def test_rerun_is_served_from_cache(first_run, tmp_path):
+    assert states(first_run) == ["Completed"] * 5
+    again = run_pipeline(tmp_path)
+    assert states(again) == ["Cached"] * 5
+    assert {k: again[k] for k in ("checkpoint", "predictions")} == {
+        k: first_run[k] for k in ("checkpoint", "predictions")
+    }
+
+
+def test_refresh_recomputes_everything(first_run, tmp_path):
+    assert states(run_pipeline(tmp_path, refresh=True)) == ["Completed"] * 5
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])
+def test_damaged_output_is_recomputed_not_served_from_cache(first_run, tmp_path, damage):
+    predictions = storage.Path(first_run["predictions"])
+    original = predictions.read_bytes()
+    if damage == "delete":
+        predictions.unlink()
+    elif damage == "truncate":
+        predictions.write_bytes(original[: len(original) // 2])
+    else:
+        other = storage.Path(first_run["score_input"]).read_bytes()
+        predictions.write_bytes(other)
+    again = run_pipeline(tmp_path)
+    assert sorted(again["task_runs"].values()) == ["Cached"] * 4 + ["Completed"]
+    assert predictions.read_bytes() == original
+
+
+def test_other_settings_never_overwrite_outputs(first_run, tmp_path):
+    other = run_pipeline(tmp_path, seed=1)
+    for key in ("train_data", "checkpoint", "score_input", "predictions"):
+        assert other[key] != first_run[key]
+        assert storage.Path(first_run[key]).exists()
+
+
+def test_score_flow_scores_a_user_file(first_run, tmp_path):
+    output = tmp_path / "mine.parquet"
+    scored = score_flow(model=first_run["checkpoint"], input=first_run["score_input"], output=str(output))
+    assert pq.read_table(output).equals(pq.read_table(first_run["predictions"]))
+    assert scored["metrics"]["score_accuracy"] == first_run["metrics"]["score_accuracy"]

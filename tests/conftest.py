@@ -45,14 +45,17 @@ def cli(cli_home, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(cli_home)
 
+    executable = str(Path(sys.executable).parent / "featuresum")
+
     def run(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        command = [str(Path(sys.executable).parent / "featuresum"), *args]
+        command = [executable, *args]
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
         if check:
             assert result.returncode == 0, result.stderr
         return result
 
     run.env = env
+    run.executable = executable
     run.cwd = tmp_path
     return run
 

@@ -1,0 +1,189 @@
+"""The Prefect UI in headless Chromium shows a finished pipeline run and its artifacts.
+
+Chromium is driven over the DevTools protocol (`--remote-debugging-port`) with the `websockets`
+package, so no driver or browser download is needed: only Debian's `chromium`.
+"""
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prefect_servers import prefect_server, require_service, run_command, stop_process_group, wait_until
+
+pytestmark = [pytest.mark.server, pytest.mark.browser]
+
+SMALL_RUN = ["--train-samples", "4000", "--holdout-samples", "1000", "--score-samples", "700", "--epochs", "2"]
+ARTIFACT_KEYS = ("featuresum-training-history", "featuresum-training-report", "featuresum-predictions")
+# The UI is a JavaScript app: on two busy cores its first render took several seconds.
+PAGE_TIMEOUT = 90.0
+
+
+def chromium_path() -> str:
+    """FEATURESUM_TEST_CHROMIUM, or Debian's chromium when installed; else skip (fail in CI)."""
+    if path := os.environ.get("FEATURESUM_TEST_CHROMIUM") or shutil.which("chromium"):
+        return path
+    return require_service("FEATURESUM_TEST_CHROMIUM", "Chromium")
+
+
+class Browser:
+    """One headless Chromium page, driven through the DevTools protocol."""
+
+    def __init__(self, executable: str, profile: Path):
+        from websockets.sync.client import connect
+
+        self.process = subprocess.Popen(
+            [
+                executable,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "--window-size=1400,1000",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        # With port 0 Chromium picks a free port and writes it to this file.
+        port_file = profile / "DevToolsActivePort"
+        wait_until(lambda: port_file.exists() or self.process.poll() is not None, 60, "Chromium's DevTools port")
+        assert self.process.poll() is None, f"Chromium exited with {self.process.returncode}"
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+            page = next(t for t in json.load(response) if t["type"] == "page")
+        self.socket = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.ids = itertools.count(1)
+        self.call("Page.enable")
+
+    def call(self, method: str, **params) -> dict:
+        """Send one DevTools command and return its result (events in between are skipped)."""
+        message_id = next(self.ids)
+        self.socket.send(json.dumps({"id": message_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == message_id:
+                assert "error" not in message, f"{method}: {message['error']}"
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        """The value of a JavaScript expression in the page."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def text(self) -> str:
+        """The page's visible text."""
+        return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def wait_for_text(self, *needles: str, timeout: float = PAGE_TIMEOUT) -> str:
+        """Wait until the page shows every one of `needles`; returns the page text."""
+
+        def shown() -> str | None:
+            text = self.text()
+            return text if all(needle in text for needle in needles) else None
+
+        return wait_until(shown, timeout, f"the page to show {needles}")
+
+    def click(self, selector: str) -> None:
+        """Click the centre of the element `selector` with the mouse, as a user does."""
+        box = self.evaluate(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def close(self) -> None:
+        self.socket.close()
+        stop_process_group(self.process)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("prefect-ui")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def finished_run(server, tmp_path_factory):
+    """The JSON summary of a small pipeline run recorded by the server."""
+    work = tmp_path_factory.mktemp("ui-run")
+    dirs = ["--data-dir", str(work / "data"), "--artifacts-dir", str(work / "artifacts")]
+    result = run_command("featuresum", "run", "--json", *SMALL_RUN, *dirs, env=server.client_env, cwd=work)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    executable = chromium_path()
+    browser = Browser(executable, tmp_path / "chromium-profile")
+    yield browser
+    browser.close()
+
+
+def test_run_page_shows_the_run_and_its_artifacts(server, finished_run, browser, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    with server.settings(), get_client(sync_client=True) as client:
+        run = client.read_flow_run(finished_run["flow_run_id"])
+    assert finished_run["ui"] == f"{server.url}/runs/flow-run/{run.id}"
+
+    browser.open(finished_run["ui"])
+    try:
+        header = browser.wait_for_text(run.name, "Completed", "Artifacts")
+    finally:
+        browser.screenshot(tmp_path / "flow-run.png")
+    assert "featuresum-pipeline" in header
+    assert f"{len(finished_run['task_states'])} Task runs" in header
+
+    browser.click("li.p-tab#artifacts")
+    try:
+        browser.wait_for_text(*ARTIFACT_KEYS)
+    finally:
+        shot = browser.screenshot(tmp_path / "flow-run-artifacts.png")
+    # A blank or error page would be a small, nearly uniform image.
+    assert shot.stat().st_size > 20_000
+
+
+def test_report_artifact_page_renders_the_markdown(server, finished_run, browser, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    artifact_filter = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[finished_run["flow_run_id"]]),
+        key=ArtifactFilterKey(any_=["featuresum-training-report"]),
+    )
+    with server.settings(), get_client(sync_client=True) as client:
+        (report,) = client.read_artifacts(artifact_filter=artifact_filter)
+
+    browser.open(f"{server.url}/artifacts/artifact/{report.id}")
+    accuracy = f"{finished_run['metrics']['val_accuracy']:.4f}"
+    try:
+        text = browser.wait_for_text("Training report", accuracy, "Confusion matrix")
+    finally:
+        browser.screenshot(tmp_path / "training-report.png")
+    # Rendered, not shown as source: no markdown markup left in the visible text.
+    assert "**" not in text and "# Training report" not in text
+    assert "recall" in text

@@ -1,0 +1,50 @@
+"""The pipeline's plain code, called the way its Prefect tasks call it (without Prefect)."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks import data, scoring, storage, training
+
+
+def generate_parquet(path: Path, rows: int, seed: int, stream: str = "train") -> dict[str, Any]:
+    """What the generate task does: stream generated shards to Parquet, then record the manifest."""
+    shards = map(storage.shard_to_batch, data.generate_dataset(seed, stream, rows))
+    written = storage.write_parquet(path, storage.DATASET_SCHEMA, shards)
+    key = storage.spec_key({"stream": stream, "rows": rows, "seed": seed})
+    return storage.write_manifest(path, content_key=key, rows=written)
+
+
+def dataset_in_memory(seed: int, stream: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated rows as row-major (rows, 784) features and labels, without a Parquet round trip."""
+    features = np.empty((rows, data.NUM_FEATURES), dtype=np.float32)
+    labels = np.empty(rows, dtype=np.int64)
+    start = 0
+    for shard in data.generate_dataset(seed, stream, rows):
+        end = start + len(shard.label)
+        features[start:end] = shard.features.numpy().T
+        labels[start:end] = shard.label.numpy()
+        start = end
+    return torch.from_numpy(features), torch.from_numpy(labels)
+
+
+def save_untrained_checkpoint(path: Path, seed: int = 0) -> None:
+    """A valid checkpoint of a freshly initialised model (scoring speed does not depend on the weights)."""
+    config = training.TrainConfig(seed=seed)
+    state = training.new_training_state(config, 1, torch.device("cpu"))
+    storage.save_checkpoint(path, training.to_checkpoint(state, config, {}))
+
+
+def score_parquet(model: Path, source: Path, destination: Path, device: str = "cpu") -> scoring.ScoreSummary:
+    """What the score task does: load the checkpoint, stream batches through the model into Parquet."""
+    target = torch.device(device)
+    classifier = training.model_from_checkpoint(storage.load_checkpoint(model), target)
+    summary = scoring.ScoreSummary()
+    batches = storage.iter_feature_batches(source)
+    rows = storage.write_parquet(
+        destination, storage.PREDICTIONS_SCHEMA, scoring.score_batches(classifier, batches, target, summary)
+    )
+    storage.write_manifest(destination, rows=rows, score_accuracy=summary.accuracy)
+    return summary

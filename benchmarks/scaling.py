@@ -1,0 +1,144 @@
+"""Figure 6: how training time and accuracy, and scoring time and peak memory, scale with rows."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import pipeline_calls
+from benchmarks.measure import REPO, HostLoad, timed
+from benchmarks.report import Check, Figure, table
+from benchmarks.sizes import Sizes
+from tasks import storage, training
+
+SEED = 0
+CPU = torch.device("cpu")
+BYTES_PER_ROW = 3_160  # 784 float32 features, sample_id and label, uncompressed
+RSS_LIMIT_MIB = 1_536
+# The pipeline reads this many rows per batch; files smaller than one batch need less memory.
+BATCH_ROWS = 32_768
+
+
+def _score_in_child(model: Path, source: Path | None, destination: Path | None) -> dict[str, Any]:
+    """Run benchmarks.score_child and return its report plus its peak RSS as the kernel saw it."""
+    command = [sys.executable, "-m", "benchmarks.score_child", "--model", str(model)]
+    command += ["--input", str(source), "--output", str(destination)] if source else ["--idle"]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
+        # wait4 gives this one child's own resource usage, not a maximum over all children so far.
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if child.returncode != 0:
+            raise RuntimeError(f"scoring child failed ({child.returncode}):\n{err.read().decode()[-3000:]}")
+        report = json.loads(out.read())
+    return {**report, "wall": wall, "max_rss_mib": usage.ru_maxrss / 1024}
+
+
+def _training_rows(sizes: Sizes, holdout: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[list[str]], dict[str, Any]]:
+    rows_table = []
+    config = training.TrainConfig(seed=SEED)
+    if sizes.scaling_epochs:
+        config = training.TrainConfig(epochs=sizes.scaling_epochs, seed=SEED)
+    checkpoint = None
+    for rows in sizes.scaling_train_rows:
+        x, y = pipeline_calls.dataset_in_memory(SEED, "train", rows)
+        state = training.new_training_state(config, math.ceil(rows / config.batch_size), CPU)
+        seconds = timed(lambda state=state, x=x, y=y: training.fit(state, (x, y), holdout, config))
+        accuracy = training.accuracy(training.evaluate(state.model, *holdout))
+        rows_table.append(
+            [f"{rows:,}", config.epochs, f"{seconds:.1f}", f"{rows * config.epochs / seconds:,.0f}", f"{accuracy:.4f}"]
+        )
+        if checkpoint is None:
+            checkpoint = training.to_checkpoint(state, config, {})
+        del x, y, state
+    return rows_table, checkpoint
+
+
+def scaling(sizes: Sizes, workdir: Path) -> Figure:
+    """Training rows vs time and held-out accuracy; scoring rows vs time, rows/s and peak RSS of the scorer."""
+    with HostLoad() as load:
+        holdout = pipeline_calls.dataset_in_memory(SEED, "holdout", sizes.scaling_holdout_rows)
+        train_table, checkpoint = _training_rows(sizes, holdout)
+        del holdout
+        model = workdir / "scaling-model.pt"
+        storage.save_checkpoint(model, checkpoint)
+
+        idle = _score_in_child(model, None, None)
+        score_table, peaks, skipped = [], {}, []
+        for rows in sizes.scaling_score_rows:
+            source, destination = workdir / f"scaling-{rows}.parquet", workdir / f"scaling-{rows}-predictions.parquet"
+            free = shutil.disk_usage(workdir).free
+            if free < 1.2 * rows * BYTES_PER_ROW:
+                skipped.append(f"{rows:,} rows skipped: {free / 1e9:.1f} GB free under {workdir}")
+                continue
+            generation = timed(
+                lambda source=source, rows=rows: pipeline_calls.generate_parquet(source, rows, SEED, "score")
+            )
+            file_bytes = source.stat().st_size
+            try:
+                child = _score_in_child(model, source, destination)
+            finally:
+                for path in (source, destination):
+                    path.unlink(missing_ok=True)
+                    path.with_name(path.name + ".json").unlink(missing_ok=True)
+            peaks[rows] = child["max_rss_mib"]
+            score_table.append(
+                [
+                    f"{rows:,}",
+                    f"{file_bytes / 1e9:.2f}",
+                    f"{child['seconds']:.1f}",
+                    f"{rows / child['seconds']:,.0f}",
+                    f"{child['max_rss_mib']:,.0f}",
+                    f"{child['accuracy']:.4f}",
+                    f"{rows / generation:,.0f}",
+                ]
+            )
+
+    checks = []
+    if peaks:
+        largest = max(peaks)
+        full_batches = [rows for rows in peaks if rows >= BATCH_ROWS] or [min(peaks)]
+        reference = min(full_batches)
+        growth = peaks[largest] / peaks[reference]
+        checks += [
+            Check(
+                f"scoring {largest:,} rows: peak RSS",
+                f"{peaks[largest]:,.0f} MiB",
+                f"< {RSS_LIMIT_MIB:,} MiB",
+                peaks[largest] < RSS_LIMIT_MIB,
+            ),
+            Check(f"peak RSS, {largest:,} ÷ {reference:,} rows", f"{growth:.2f}", "flat (<= 1.10)", growth <= 1.10),
+        ]
+    body = [
+        "**Training** with the pipeline's `training.fit` and default settings "
+        f"(batch {training.TrainConfig().batch_size}, AdamW, one-cycle) on rows generated in memory; held-out "
+        f"accuracy on {sizes.scaling_holdout_rows:,} fresh rows (another stream), which `fit` also evaluates "
+        "after every epoch (included in the time). One measurement per size.",
+        "",
+        *table(["training rows", "epochs", "seconds", "samples/s", "held-out accuracy"], train_table),
+        "",
+        "**Scoring**: each feature file is generated with the pipeline's code, then scored by "
+        "`python -m benchmarks.score_child` (`load_checkpoint`, `iter_feature_batches`, `score_batches`, "
+        "`write_parquet`) in a process of its own; peak RSS is that process's `ru_maxrss` from `wait4`. "
+        f"The model is the one trained on {sizes.scaling_train_rows[0]:,} rows above. A process that only "
+        f"imports the pipeline and loads the checkpoint peaks at {idle['max_rss_mib']:,.0f} MiB. The files "
+        "are read right after being written, so mostly from the page cache.",
+        "",
+        *table(
+            ["rows", "file GB", "scoring s", "rows/s", "peak RSS MiB", "accuracy", "generation rows/s"], score_table
+        ),
+        *([""] + skipped if skipped else []),
+    ]
+    return Figure("6. Scaling", checks, body, load.wall, load.foreign_cores)

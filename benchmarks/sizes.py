@@ -1,0 +1,76 @@
+"""How big and how often each benchmark runs: the full suite and a quick smoke-sized variant."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Row counts and repetitions for every benchmark."""
+
+    reps: int
+    e2e_reps: int
+    generation_rows: int
+    training_rows: int
+    training_holdout_rows: int
+    training_batch_sizes: tuple[int, ...]
+    scoring_rows: int
+    # Overrides of the default preset for the end-to-end runs, e.g. (("epochs", 1),); empty: defaults.
+    e2e_overrides: tuple[tuple[str, int], ...]
+    scaling_train_rows: tuple[int, ...]
+    scaling_holdout_rows: int
+    scaling_epochs: int | None
+    scaling_score_rows: tuple[int, ...]
+    # (label, `featuresum run` options) of the model-quality runs.
+    quality_runs: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+TINY = (("train_samples", 2000), ("holdout_samples", 500), ("score_samples", 500), ("epochs", 1))
+SEED_SCRIPT = (
+    "--train-samples",
+    "1000",
+    "--epochs",
+    "100",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.001",
+    "--weight-decay",
+    "0",
+    "--schedule",
+    "constant",
+)
+
+FULL = Sizes(
+    reps=5,
+    e2e_reps=3,
+    generation_rows=200_000,
+    training_rows=100_000,
+    training_holdout_rows=20_000,
+    training_batch_sizes=(256, 1024),
+    scoring_rows=200_000,
+    e2e_overrides=(),
+    scaling_train_rows=(50_000, 200_000, 800_000),
+    scaling_holdout_rows=100_000,
+    scaling_epochs=None,
+    scaling_score_rows=(10_000, 100_000, 1_000_000, 2_000_000),
+    quality_runs=(
+        ("`featuresum run --preset full`", ("--preset", "full")),
+        ("the seed script's settings", SEED_SCRIPT),
+    ),
+)
+
+QUICK = Sizes(
+    reps=1,
+    e2e_reps=1,
+    generation_rows=5_000,
+    training_rows=4_000,
+    training_holdout_rows=1_000,
+    training_batch_sizes=(256, 1024),
+    scoring_rows=5_000,
+    e2e_overrides=TINY,
+    scaling_train_rows=(2_000, 4_000),
+    scaling_holdout_rows=2_000,
+    scaling_epochs=1,
+    scaling_score_rows=(1_000, 40_000),
+    quality_runs=(("a tiny run", ("--train-samples", "2000", "--holdout-samples", "500", "--epochs", "1")),),
+)

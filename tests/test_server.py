@@ -1,0 +1,392 @@
+"""The pipeline against a real `prefect server start`: runs, artifacts, serve, prefect.yaml, auth.
+
+The module runs once on SQLite and once on PostgreSQL (FEATURESUM_TEST_POSTGRES_URL, a database
+the tests may create others next to); each backend gets one server for the whole module.
+"""
+
+import asyncio
+import base64
+import json
+import math
+import subprocess
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from prefect_servers import (
+    BIN,
+    UUID,
+    clean_environment,
+    http_status,
+    prefect_server,
+    require_service,
+    run_command,
+    stop_process_group,
+    tail,
+    wait_until,
+)
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"train_samples": 4000, "holdout_samples": 1000, "score_samples": 700, "epochs": 2}
+TINY = {"train_samples": 2000, "holdout_samples": 500, "score_samples": 300, "epochs": 1}
+SERVED = "served-retraining"
+CRON = "0 3 * * *"
+TIMEZONE = "Europe/Berlin"
+RUN_TIMEOUT = 300.0
+
+
+def options(sizes: dict[str, int]) -> list[str]:
+    """`featuresum` options for the given sizes."""
+    return [arg for key, value in sizes.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def deployment_parameters(sizes: dict[str, int | str]) -> list[str]:
+    """`prefect deployment run` options for the given parameters."""
+    return [arg for key, value in sizes.items() for arg in ("-p", f"{key}={value}")]
+
+
+@contextmanager
+def postgres_database(url: str):
+    """A fresh database next to the one in `url`, dropped afterwards, so every run starts empty."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    name = f"featuresum_test_{uuid.uuid4().hex[:12]}"
+
+    async def execute(statement: str) -> None:
+        connection = await asyncpg.connect(admin)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(execute(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
+    """One Prefect server per database backend for the whole module."""
+    home = tmp_path_factory.mktemp(f"prefect-{request.param}")
+    if request.param == "sqlite":
+        with prefect_server(home) as server:
+            yield server
+        return
+    url = require_service("FEATURESUM_TEST_POSTGRES_URL", "PostgreSQL database")
+    with postgres_database(url) as database_url, prefect_server(home, database_url=database_url) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server):
+    from prefect.client.orchestration import get_client
+
+    with server.settings(), get_client(sync_client=True) as client:
+        yield client
+
+
+def final_task_runs(client, flow_run_id, expected: int) -> list:
+    """The flow run's task runs once `expected` of them are recorded in a final state (they arrive as events)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+
+    def recorded():
+        runs = client.read_task_runs(flow_run_filter=runs_filter)
+        return runs if len(runs) >= expected and all(r.state and r.state.is_final() for r in runs) else None
+
+    return wait_until(recorded, 120, f"{expected} final task runs of flow run {flow_run_id}")
+
+
+def finished_flow_run(client, flow_run_id, timeout: float = RUN_TIMEOUT):
+    """The flow run once it is in a final state."""
+
+    def final():
+        run = client.read_flow_run(flow_run_id)
+        return run if run.state and run.state.is_final() else None
+
+    return wait_until(final, timeout, f"flow run {flow_run_id} to finish", interval=1)
+
+
+def artifacts_by_key(client, flow_run_id) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    )
+    return {artifact.key or artifact.type: artifact for artifact in found}
+
+
+def trigger(server, deployment: str, parameters: dict, cwd: Path) -> str:
+    """Run `prefect deployment run` as a user does; returns the new flow run's id."""
+    result = run_command(
+        "prefect", "deployment", "run", deployment, *deployment_parameters(parameters), env=server.client_env, cwd=cwd
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return UUID.search(result.stdout.split("UUID:", 1)[1]).group()
+
+
+# --- One-off runs through the CLI ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_run(server, tmp_path_factory):
+    """`featuresum run --json` with small sizes against the server; its JSON summary."""
+    work = tmp_path_factory.mktemp("cli-run")
+    dirs = ["--data-dir", str(work / "data"), "--artifacts-dir", str(work / "artifacts")]
+    result = run_command("featuresum", "run", "--json", *options(SMALL), *dirs, env=server.client_env, cwd=work)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_cli_run_is_recorded_with_its_task_runs(client, cli_run):
+    run = client.read_flow_run(cli_run["flow_run_id"])
+    assert run.state.name == "Completed"
+    assert run.name == "pipeline-seed0-train4000-score700"
+    assert {"featuresum", "cli-run", "seed-0"} <= set(run.tags)
+    task_runs = final_task_runs(client, run.id, expected=len(cli_run["task_states"]))
+    assert {r.name: r.state.name for r in task_runs} == cli_run["task_states"]
+    assert all(r.state.is_completed() for r in task_runs)
+
+
+def test_cli_run_artifacts_hold_the_runs_figures(client, cli_run):
+    artifacts = artifacts_by_key(client, cli_run["flow_run_id"])
+
+    history = json.loads(artifacts["featuresum-training-history"].data)
+    assert [row["epoch"] for row in history] == list(range(1, SMALL["epochs"] + 1))
+    assert all(math.isfinite(row["train_loss"]) and row["train_loss"] > 0 for row in history)
+    assert all(0.0 <= row["val_accuracy"] <= 1.0 for row in history)
+    assert history[-1]["train_loss"] == pytest.approx(cli_run["metrics"]["train_loss"], abs=1e-4)
+
+    report = artifacts["featuresum-training-report"].data
+    assert f"**{cli_run['metrics']['val_accuracy']:.4f}**" in report
+    assert f"on {SMALL['holdout_samples']} rows" in report
+    assert cli_run["checkpoint"] in report
+
+    predictions = artifacts["featuresum-predictions"]
+    histogram = json.loads(predictions.data)
+    assert [row["predicted_class"] for row in histogram] == list(range(10))
+    assert sum(row["rows"] for row in histogram) == SMALL["score_samples"] == cli_run["predicted_rows"]
+    assert cli_run["predictions"] in predictions.description
+    assert f"{cli_run['metrics']['score_accuracy']:.4f}" in predictions.description
+
+    assert float(artifacts["progress"].data) == 100.0
+
+
+# --- featuresum serve ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(server, tmp_path_factory):
+    """`featuresum serve` running against the server; yields (process, its folder, the deployment)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    work = tmp_path_factory.mktemp("served")
+    log = work / "serve.log"
+    command = [
+        str(BIN / "featuresum"),
+        "serve",
+        "--cron",
+        CRON,
+        "--timezone",
+        TIMEZONE,
+        "--name",
+        SERVED,
+        *options(SMALL),
+        "--data-dir",
+        "data",
+        "--artifacts-dir",
+        "artifacts",
+    ]
+    # A served runner polls for due runs every 10 s by default; 1 s keeps the tests short.
+    env = {**server.client_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        with server.settings(), get_client(sync_client=True) as client:
+
+            def deployment():
+                assert process.poll() is None, f"featuresum serve exited with {process.returncode}:\n{tail(log)}"
+                try:
+                    return client.read_deployment_by_name(f"featuresum-pipeline/{SERVED}")
+                except ObjectNotFound:
+                    return None
+
+            yield process, work, wait_until(deployment, 180, "the served deployment")
+    finally:
+        stop_process_group(process)
+
+
+def test_serve_creates_the_cron_deployment(served):
+    _, work, deployment = served
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (CRON, TIMEZONE, True)
+    assert deployment.paused is False
+    assert deployment.entrypoint == "flows.pipeline.pipeline_flow"
+    assert {"featuresum", "scheduled"} <= set(deployment.tags)
+    assert deployment.parameters == {
+        **SMALL,
+        "batch_size": 256,
+        "lr": 0.003,
+        "weight_decay": 0.1,
+        "schedule": "onecycle",
+        "seed": 0,
+        # Folders are made absolute where serve starts, since runs execute in subprocesses.
+        "data_dir": str(work / "data"),
+        "artifacts_dir": str(work / "artifacts"),
+        "device": "auto",
+        "refresh": False,
+    }
+
+
+def test_server_schedules_runs_at_the_cron_time_in_the_timezone(client, served):
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
+
+    deployment = served[2]
+    upcoming = FlowRunFilter(state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Scheduled"])))
+    only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+
+    def scheduled():
+        return client.read_flow_runs(flow_run_filter=upcoming, deployment_filter=only_this)
+
+    runs = wait_until(scheduled, 120, "the server to schedule runs of the deployment", interval=2)
+    local_times = sorted(run.expected_start_time.astimezone(ZoneInfo(TIMEZONE)) for run in runs)
+    assert all((t.hour, t.minute) == (3, 0) for t in local_times), local_times
+    assert len({t.date() for t in local_times}) == len(local_times)
+    assert all(run.parameters == {} or run.parameters == deployment.parameters for run in runs)
+
+
+def test_triggered_runs_complete_in_the_serve_process_one_at_a_time(server, client, served):
+    process, work, deployment = served
+    run_ids = [trigger(server, f"featuresum-pipeline/{SERVED}", {"seed": seed, **TINY}, work) for seed in (1, 2)]
+    runs = [finished_flow_run(client, run_id) for run_id in run_ids]
+
+    for run, seed in zip(runs, (1, 2), strict=True):
+        assert run.state.name == "Completed", run.state.message
+        assert run.deployment_id == deployment.id
+        assert run.name == f"pipeline-seed{seed}-train{TINY['train_samples']}-score{TINY['score_samples']}"
+        assert run.parameters["data_dir"] == str(work / "data")
+        assert "scheduled" in run.tags
+        task_runs = final_task_runs(client, run.id, expected=5)
+        assert all(r.state.is_completed() for r in task_runs), [(r.name, r.state.name) for r in task_runs]
+    assert len(list((work / "artifacts").glob("predictions-*.parquet"))) == 2
+    # Both runs were due at once; the serve process (limit 1) ran them one after the other.
+    first, second = sorted(runs, key=lambda run: run.start_time)
+    assert first.end_time <= second.start_time, [(r.start_time, r.end_time) for r in runs]
+    assert process.poll() is None
+
+
+def test_stopping_serve_pauses_the_schedule(client, served):
+    """Runs after the other serve tests: it stops the serve process."""
+    process, _, deployment = served
+    stop_process_group(process)
+    assert process.returncode == 0
+    assert client.read_deployment(deployment.id).paused is True
+
+
+# --- Basic auth ------------------------------------------------------------------------------------
+
+AUTH = "featuresum:correct-horse-battery"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """A SQLite-backed server that requires HTTP basic auth."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-auth"), auth=AUTH) as server:
+        yield server
+
+
+@pytest.fixture
+def auth_client(auth_server):
+    from prefect.client.orchestration import get_client
+
+    with auth_server.settings(), get_client(sync_client=True) as client:
+        yield client
+
+
+def basic(credentials: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+
+def test_auth_server_refuses_requests_without_the_credentials(auth_server):
+    api = auth_server.api_url
+    assert http_status(f"{api}/health") == 200
+    assert http_status(f"{api}/flows/filter", data=b"{}") == 401
+    assert http_status(f"{api}/flows/filter", data=b"{}", headers=basic("featuresum:wrong")) == 401
+    assert http_status(f"{api}/flows/filter", data=b"{}", headers=basic(AUTH)) == 200
+
+
+def test_cli_runs_against_the_auth_server_only_with_the_auth_string(auth_server, auth_client, tmp_path):
+    dirs = ["--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts")]
+    command = ["run", "--json", *options(TINY), *dirs]
+
+    result = run_command("featuresum", *command, env=auth_server.client_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert auth_client.read_flow_run(summary["flow_run_id"]).state.name == "Completed"
+    task_runs = final_task_runs(auth_client, summary["flow_run_id"], expected=len(summary["task_states"]))
+    assert all(r.state.is_completed() for r in task_runs)
+
+    anonymous = clean_environment(PREFECT_HOME=str(tmp_path / "anonymous"), PREFECT_API_URL=auth_server.api_url)
+    refused = run_command("featuresum", *command, env=anonymous, cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "401" in refused.stderr
+
+
+# --- prefect.yaml and a process work pool ---------------------------------------------------------
+
+
+def test_prefect_yaml_deploys_and_a_process_worker_runs_it(auth_server, auth_client, tmp_path):
+    """The work-pool way, against the auth-protected server: deploy, worker and CLI all authenticate."""
+    server, client = auth_server, auth_client
+
+    def prefect(*args: str, cwd: Path = tmp_path, timeout: float = 600) -> str:
+        result = run_command("prefect", *args, env=server.client_env, cwd=cwd, timeout=timeout)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    prefect("work-pool", "create", "featuresum", "--type", "process")
+    # From the repository root, as README says; it records the root as the runs' working directory.
+    prefect("--no-prompt", "deploy", "--all", cwd=REPO)
+
+    deployment = client.read_deployment_by_name("featuresum-pipeline/scheduled-retraining")
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (CRON, "UTC", True)
+    assert deployment.work_pool_name == "featuresum"
+    assert deployment.entrypoint == "flows/pipeline.py:pipeline_flow"
+    assert deployment.parameters == {
+        "seed": 0,
+        "data_dir": "data",
+        "artifacts_dir": "artifacts",
+        "device": "auto",
+        "refresh": False,
+    }
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    assert deployment.global_concurrency_limit.limit == 1
+
+    dirs = {"data_dir": str(tmp_path / "data"), "artifacts_dir": str(tmp_path / "artifacts")}
+    run_id = trigger(server, "featuresum-pipeline/scheduled-retraining", {**TINY, **dirs}, tmp_path)
+    prefect("worker", "start", "--pool", "featuresum", "--run-once", timeout=RUN_TIMEOUT)
+    run = finished_flow_run(client, run_id)
+    assert run.state.name == "Completed", run.state.message
+    assert run.work_pool_name == "featuresum"
+    assert all(r.state.is_completed() for r in final_task_runs(client, run.id, expected=5))
+    assert len(list((tmp_path / "artifacts").glob("predictions-*.parquet"))) == 1

@@ -32,6 +32,11 @@ class DeviceChoice(StrEnum):
     cuda = "cuda"
 
 
+class RunnerChoice(StrEnum):
+    default = "default"
+    dask = "dask"
+
+
 class ScheduleChoice(StrEnum):
     onecycle = "onecycle"
     constant = "constant"
@@ -50,6 +55,18 @@ Epochs = Annotated[int | None, typer.Option(min=1, help="Training epochs. (prese
 BatchSize = Annotated[int | None, typer.Option(min=1, help="Training batch size. (preset)")]
 Lr = Annotated[float | None, typer.Option(min=1e-9, help="Peak learning rate of AdamW. (preset)")]
 WeightDecay = Annotated[float | None, typer.Option(min=0.0, help="AdamW weight decay. (preset)")]
+RunnerOpt = Annotated[
+    RunnerChoice,
+    typer.Option(help="Where scoring shards run: threads in this process (default), or a Dask cluster."),
+]
+DaskAddress = Annotated[
+    str | None,
+    typer.Option(help="Scheduler of an existing Dask cluster (tcp://host:8786); default: start a LocalCluster."),
+]
+DaskWorkers = Annotated[
+    int | None, typer.Option(min=1, help="Worker processes of the LocalCluster (default: one per core).")
+]
+ShardRows = Annotated[int, typer.Option(min=1, help="Rows per scoring shard; each shard is one task run.")]
 ScheduleOpt = Annotated[
     ScheduleChoice | None, typer.Option(help="Learning-rate schedule: onecycle, or constant. (preset)")
 ]
@@ -64,13 +81,29 @@ def _training_parameters(preset: Preset, **explicit: Any) -> dict[str, Any]:
     return values
 
 
-def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool) -> None:
+def _task_runner(runner: RunnerChoice, address: str | None, workers: int | None):
+    """Prefect's default task runner, or a DaskTaskRunner on a given or a local cluster."""
+    if runner is RunnerChoice.default:
+        return None
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise typer.BadParameter("--runner dask needs prefect-dask: pip install 'featuresum[dask]'") from None
+    if address:
+        return DaskTaskRunner(address=address)
+    local = {"n_workers": workers, "threads_per_worker": 1, "host": "127.0.0.1", "dashboard_address": None}
+    return DaskTaskRunner(cluster_kwargs=local)
+
+
+def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_runner=None) -> None:
     """Run a flow against the Prefect API, wait until its task runs are recorded, then report."""
     from prefect import tags
 
     from flows import pipeline
 
     flow = {"run": pipeline.pipeline_flow, "train": pipeline.train_flow, "score": pipeline.score_flow}[flow_name]
+    if task_runner is not None:
+        flow = flow.with_options(task_runner=task_runner)
     with runtime.prefect_api() as api_url, tags("featuresum", f"cli-{flow_name}", f"seed-{parameters['seed']}"):
         summary = flow(**parameters)
         summary["task_states"] = runtime.wait_for_task_runs(summary["flow_run_id"], list(summary.pop("task_runs")))
@@ -102,6 +135,10 @@ def run(
     data_dir: DataDir = Path("data"),
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,
+    runner: RunnerOpt = RunnerChoice.default,
+    dask_address: DaskAddress = None,
+    dask_workers: DaskWorkers = None,
+    shard_rows: ShardRows = None,
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -120,7 +157,9 @@ def run(
     parameters.update(
         seed=seed, data_dir=str(data_dir), artifacts_dir=str(artifacts_dir), device=device.value, refresh=refresh
     )
-    _execute("run", parameters, json_output)
+    if shard_rows:
+        parameters["shard_rows"] = shard_rows
+    _execute("run", parameters, json_output, _task_runner(runner, dask_address, dask_workers))
 
 
 @app.command()
@@ -168,6 +207,10 @@ def score(
     data_dir: DataDir = Path("data"),
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,
+    runner: RunnerOpt = RunnerChoice.default,
+    dask_address: DaskAddress = None,
+    dask_workers: DaskWorkers = None,
+    shard_rows: ShardRows = None,
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -192,7 +235,9 @@ def score(
         "device": device.value,
         "refresh": refresh,
     }
-    _execute("score", parameters, json_output)
+    if shard_rows:
+        parameters["shard_rows"] = shard_rows
+    _execute("score", parameters, json_output, _task_runner(runner, dask_address, dask_workers))
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import Task
 
 from tasks import storage
-from tasks.prefect_tasks import fingerprint_input, generate_dataset, score_dataset, train_model
+from tasks.prefect_tasks import fingerprint_input, generate_dataset, score_shard, train_model, write_predictions
 from tasks.training import TrainConfig, resolve_device
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -39,6 +39,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULTS = PRESETS["default"]
+# Rows per scoring shard (whole row groups); each shard is one task run, in parallel on Dask.
+SHARD_ROWS = 262_144
 
 
 def _call(task: Task, states: dict[str, str], **parameters: Any) -> dict:
@@ -48,10 +50,14 @@ def _call(task: Task, states: dict[str, str], **parameters: Any) -> dict:
     return state.result()
 
 
+def _cached(task: Task, path: Path, refresh: bool) -> Task:
+    """The task, forced to recompute when asked to or when its output file is no longer intact."""
+    return task.with_options(refresh_cache=refresh or not storage.is_intact(path))
+
+
 def _run_cached(task: Task, path: Path, refresh: bool, states: dict[str, str], **parameters: Any) -> dict:
-    """Call a cached task, recomputing when asked to or when its output file is no longer intact."""
-    recompute = refresh or not storage.is_intact(path)
-    return _call(task.with_options(refresh_cache=recompute), states, path=str(path), **parameters)
+    """Call a cached task in the flow's process and return its result."""
+    return _call(_cached(task, path, refresh), states, path=str(path), **parameters)
 
 
 def _ref(manifest: dict[str, Any]) -> dict[str, str]:
@@ -66,14 +72,33 @@ def _generate(stream: str, rows: int, seed: int, data_dir: str, refresh: bool, s
 
 
 def _score(
-    model: dict, features: dict, device: str, artifacts_dir: str, output: str | None, refresh: bool, states: dict
+    model: dict,
+    features: dict,
+    device: str,
+    artifacts_dir: str,
+    output: str | None,
+    shard_rows: int,
+    refresh: bool,
+    states: dict,
 ) -> dict:
+    """Score the feature file in shards of row groups on the flow's task runner, then combine them."""
     parameters = {"model": _ref(model), "features": _ref(features), "device": device}
     if output:
         path = Path(output).resolve()
     else:
         path = storage.output_path(Path(artifacts_dir).resolve(), "predictions", parameters, ".parquet")
-    return _run_cached(score_dataset, path, refresh, states, **parameters)
+    futures = []
+    for index, row_groups in enumerate(storage.row_group_shards(Path(features["path"]), shard_rows)):
+        part = storage.part_path(path, index)
+        task = _cached(score_shard, part, refresh)
+        futures.append(task.submit(**parameters, row_groups=row_groups, index=index, path=str(part)))
+    shards = []
+    for future in futures:
+        future.wait()
+        states[str(future.task_run_id)] = future.state.name
+        shard = future.result()
+        shards.append({k: shard[k] for k in ("path", "fingerprint", "rows", "labelled", "correct", "class_counts")})
+    return _run_cached(write_predictions, path, refresh, states, shards=shards)
 
 
 def _device(requested: str) -> str:
@@ -151,6 +176,7 @@ def score_flow(
     data_dir: str = "data",
     artifacts_dir: str = "artifacts",
     device: Device = "auto",
+    shard_rows: int = SHARD_ROWS,
     refresh: bool = False,
 ) -> dict[str, Any]:
     """Score a Parquet file, or a freshly generated batch of `samples` rows, with a checkpoint."""
@@ -161,7 +187,7 @@ def score_flow(
     else:
         features = _generate("score", samples or DEFAULTS["score_samples"], seed, data_dir, refresh, states)
     device = _device(device)
-    predictions = _score(checkpoint, features, device, artifacts_dir, output, refresh, states)
+    predictions = _score(checkpoint, features, device, artifacts_dir, output, shard_rows, refresh, states)
     return _summary(states, checkpoint=checkpoint, score_input=features, predictions=predictions)
 
 
@@ -182,6 +208,7 @@ def pipeline_flow(
     data_dir: str = "data",
     artifacts_dir: str = "artifacts",
     device: Device = "auto",
+    shard_rows: int = SHARD_ROWS,
     refresh: bool = False,
 ) -> dict[str, Any]:
     """Generate data, train and checkpoint the model, then score a new batch to predictions Parquet."""
@@ -190,5 +217,5 @@ def pipeline_flow(
     config = TrainConfig(epochs, batch_size, lr, weight_decay, schedule, seed)
     train, model = _train(train_samples, holdout_samples, config, data_dir, artifacts_dir, device, refresh, states)
     batch = _generate("score", score_samples, seed, data_dir, refresh, states)
-    predictions = _score(model, batch, device, artifacts_dir, None, refresh, states)
+    predictions = _score(model, batch, device, artifacts_dir, None, shard_rows, refresh, states)
     return _summary(states, train_data=train, checkpoint=model, score_input=batch, predictions=predictions)

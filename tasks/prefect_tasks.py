@@ -135,19 +135,31 @@ def train_model(
     )
 
 
-@file_task(task_run_name="score-{features[path]}")
-def score_dataset(model: dict[str, Any], features: dict[str, Any], device: str, path: str) -> dict[str, Any]:
-    """Score a feature file in streamed batches and write predictions with feature sums to Parquet."""
-    logger = get_run_logger()
+@file_task(task_run_name="score-shard-{index}")
+def score_shard(
+    model: dict[str, Any], features: dict[str, Any], row_groups: list[int], index: int, device: str, path: str
+) -> dict[str, Any]:
+    """Score some row groups of a feature file in streamed batches; write their predictions to Parquet."""
     target = torch.device(device)
-    checkpoint = storage.load_checkpoint(Path(model["path"]))
-    classifier = training.model_from_checkpoint(checkpoint, target)
+    classifier = training.model_from_checkpoint(storage.load_checkpoint(Path(model["path"])), target)
     summary = scoring.ScoreSummary()
-    batches = storage.iter_feature_batches(Path(features["path"]))
-    rows = storage.write_parquet(
+    batches = storage.iter_feature_batches(Path(features["path"]), row_groups=row_groups)
+    storage.write_parquet(
         Path(path), storage.PREDICTIONS_SCHEMA, scoring.score_batches(classifier, batches, target, summary)
     )
-    logger.info("Scored %d rows into %s (accuracy on labelled rows: %s)", rows, path, summary.accuracy)
+    get_run_logger().info("Scored %d rows (row groups %s) into %s", summary.rows, row_groups, path)
+    return storage.write_manifest(Path(path), **asdict(summary))
+
+
+@file_task(task_run_name="write-predictions")
+def write_predictions(shards: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    """Concatenate scored shards, in order, into the predictions Parquet file."""
+    summary = scoring.ScoreSummary()
+    for shard in shards:
+        summary.add(shard["rows"], shard["labelled"], shard["correct"], shard["class_counts"])
+    batches = storage.iter_parquet_batches(shard["path"] for shard in shards)
+    rows = storage.write_parquet(Path(path), storage.PREDICTIONS_SCHEMA, batches)
+    get_run_logger().info("Wrote %d predictions to %s (accuracy on labelled rows: %s)", rows, path, summary.accuracy)
     reports.publish_predictions(summary, path)
     return storage.write_manifest(
         Path(path), rows=rows, score_accuracy=summary.accuracy, class_counts=summary.class_counts

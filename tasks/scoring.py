@@ -21,6 +21,13 @@ class ScoreSummary:
     correct: int = 0
     class_counts: list[int] = field(default_factory=lambda: [0] * NUM_CLASSES)
 
+    def add(self, rows: int, labelled: int, correct: int, class_counts: list[int]) -> None:
+        """Fold in the counts of another batch or shard."""
+        self.rows += rows
+        self.labelled += labelled
+        self.correct += correct
+        self.class_counts = [a + int(b) for a, b in zip(self.class_counts, class_counts, strict=True)]
+
     @property
     def accuracy(self) -> float | None:
         """Accuracy on labelled rows, or None when no row had a label."""
@@ -46,12 +53,9 @@ def score_batches(
     model.eval()
     for sample_id, features, label in batches:
         predicted, confidence = predict(model, features, device)
-        summary.rows += len(sample_id)
-        counts = np.bincount(predicted, minlength=NUM_CLASSES)
-        summary.class_counts = [a + int(b) for a, b in zip(summary.class_counts, counts, strict=True)]
-        if label is not None:
-            summary.labelled += len(label)
-            summary.correct += int((predicted == label).sum())
+        labelled = 0 if label is None else len(label)
+        correct = 0 if label is None else int((predicted == label).sum())
+        summary.add(len(sample_id), labelled, correct, np.bincount(predicted, minlength=NUM_CLASSES).tolist())
         feature_sum = np.add.reduce(features, axis=0, dtype=np.float64)
         yield pa.RecordBatch.from_arrays(
             [pa.array(sample_id), pa.array(feature_sum), pa.array(predicted), pa.array(confidence)],

@@ -187,19 +187,22 @@ def open_features(path: Path) -> pq.ParquetFile:
 
 
 def iter_feature_batches(
-    path: Path, batch_rows: int = 32_768
+    path: Path, batch_rows: int = 32_768, row_groups: list[int] | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Stream (sample_id, features of shape (784, rows) float32, label or None) from a feature file.
 
-    Rows without a `sample_id` column are numbered from 0. Raises InputError on non-finite features.
+    `row_groups` limits the stream to those row groups (a shard). Rows without a `sample_id`
+    column are numbered by their position in the file. Raises InputError on non-finite features.
     """
     parquet = open_features(path)
     names = parquet.schema_arrow.names
     has_label = "label" in names
     columns = [*FEATURE_COLUMNS] + [name for name in ("sample_id", "label") if name in names]
-    start = 0
+    metadata = parquet.metadata
+    first = row_groups[0] if row_groups else 0
+    start = sum(metadata.row_group(i).num_rows for i in range(first))
     try:
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups):
             features = np.stack([batch.column(i).to_numpy(zero_copy_only=False) for i in range(NUM_FEATURES)]).astype(
                 np.float32, copy=False
             )
@@ -214,6 +217,31 @@ def iter_feature_batches(
             yield sample_id, features, label
     except (pa.ArrowException, OSError) as error:
         raise InputError(f"{path}: unreadable Parquet data ({error})") from None
+
+
+def row_group_shards(path: Path, shard_rows: int) -> list[list[int]]:
+    """Split a Parquet file's row groups into consecutive shards of at least `shard_rows` rows."""
+    metadata = open_features(path).metadata
+    shards: list[list[int]] = []
+    rows = shard_rows
+    for index in range(metadata.num_row_groups):
+        if rows >= shard_rows:
+            shards.append([])
+            rows = 0
+        shards[-1].append(index)
+        rows += metadata.row_group(index).num_rows
+    return shards
+
+
+def part_path(path: Path, index: int) -> Path:
+    """Where shard `index` of the output `path` is written before the shards are combined."""
+    return path.with_name(f"{path.name}.parts") / f"part-{index:05d}.parquet"
+
+
+def iter_parquet_batches(paths: Iterable[str | Path]) -> Iterator[pa.RecordBatch]:
+    """Stream the record batches of several Parquet files, one after another."""
+    for path in paths:
+        yield from pq.ParquetFile(path).iter_batches()
 
 
 def read_dataset(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flows import runtime
+from tasks import data, storage, training
 
 runtime.quiet_defaults()
 
@@ -71,3 +73,16 @@ SMALL = ["--train-samples", "4000", "--holdout-samples", "1000", "--score-sample
 def small_run_args(tmp: Path, *extra: str) -> list[str]:
     """`featuresum run` options for a fast run writing under `tmp`."""
     return ["run", *SMALL, "--data-dir", str(tmp / "data"), "--artifacts-dir", str(tmp / "artifacts"), *extra]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A real (briefly trained) checkpoint, made with the plain training code."""
+    config = training.TrainConfig(epochs=1, batch_size=256, seed=0)
+    shard = data.generate_shard(0, "train", 0, 2000)
+    x, y = shard.features.T.contiguous(), shard.label
+    state = training.new_training_state(config, 8, torch.device("cpu"))
+    training.fit(state, (x, y), (x[:200], y[:200]), config)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    storage.save_checkpoint(path, training.to_checkpoint(state, config, {"metrics": {}}))
+    return path

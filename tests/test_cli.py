@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_json, small_run_args
 
-from tasks import data, storage, training
+from tasks import data, storage
 
 
 def test_help_explains_every_command(cli):
@@ -26,16 +26,16 @@ def test_run_prints_one_json_object_and_a_clean_log(cli, tmp_path):
         assert summary[key], key
     assert set(summary["metrics"]) >= {"val_accuracy", "train_loss", "score_accuracy"}
     assert summary["start_epoch"] == 0 and summary["epochs_completed"] == 2
-    assert sorted(summary["task_states"].values()) == ["Completed"] * 5
+    assert sorted(summary["task_states"].values()) == ["Completed"] * 6
     assert pq.read_table(summary["predictions"]).num_rows == 700
     assert summary["ui"].startswith("http://127.0.0.1:")
     for bad in ("ERROR", "Traceback", "database is locked"):
         assert bad not in result.stderr
 
     again = run_json(cli(*small_run_args(tmp_path), "--json"))
-    assert sorted(again["task_states"].values()) == ["Cached"] * 5
+    assert sorted(again["task_states"].values()) == ["Cached"] * 6
     forced = run_json(cli(*small_run_args(tmp_path), "--json", "--refresh"))
-    assert sorted(forced["task_states"].values()) == ["Completed"] * 5
+    assert sorted(forced["task_states"].values()) == ["Completed"] * 6
 
 
 def test_train_command_reports_training_only(cli, tmp_path):
@@ -63,19 +63,6 @@ def one_error_line(result, *fragments):
 )
 def test_bad_options_give_one_line_and_exit_code_2(cli, args):
     one_error_line(cli(*args, check=False))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A real (briefly trained) checkpoint, made with the plain training code."""
-    config = training.TrainConfig(epochs=1, batch_size=256, seed=0)
-    shard = data.generate_shard(0, "train", 0, 2000)
-    x, y = shard.features.T.contiguous(), shard.label
-    state = training.new_training_state(config, 8, torch.device("cpu"))
-    training.fit(state, (x, y), (x[:200], y[:200]), config)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    storage.save_checkpoint(path, training.to_checkpoint(state, config, {"metrics": {}}))
-    return path
 
 
 def feature_table(rows=50, seed=4):

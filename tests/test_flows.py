@@ -64,16 +64,16 @@ def states(summary):
 
 
 def test_rerun_is_served_from_cache(first_run, tmp_path):
-    assert states(first_run) == ["Completed"] * 5
+    assert states(first_run) == ["Completed"] * 6
     again = run_pipeline(tmp_path)
-    assert states(again) == ["Cached"] * 5
+    assert states(again) == ["Cached"] * 6
     assert {k: again[k] for k in ("checkpoint", "predictions")} == {
         k: first_run[k] for k in ("checkpoint", "predictions")
     }
 
 
 def test_refresh_recomputes_everything(first_run, tmp_path):
-    assert states(run_pipeline(tmp_path, refresh=True)) == ["Completed"] * 5
+    assert states(run_pipeline(tmp_path, refresh=True)) == ["Completed"] * 6
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])
@@ -88,7 +88,7 @@ def test_damaged_output_is_recomputed_not_served_from_cache(first_run, tmp_path,
         other = storage.Path(first_run["score_input"]).read_bytes()
         predictions.write_bytes(other)
     again = run_pipeline(tmp_path)
-    assert sorted(again["task_runs"].values()) == ["Cached"] * 4 + ["Completed"]
+    assert sorted(again["task_runs"].values()) == ["Cached"] * 5 + ["Completed"]
     assert predictions.read_bytes() == original
 
 

@@ -57,12 +57,15 @@ def test_bad_input_fails_once_without_retry(prefect, tmp_path):
         score_flow(model=summary["checkpoint"], input=str(bad), output=str(output))
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStateName
+
+    failed_shard = TaskRunFilter(
+        name=TaskRunFilterName(any_=["score-shard-0"]), state={"name": TaskRunFilterStateName(any_=["Failed"])}
+    )
 
     def failed_score_runs():
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[f"score-{bad}"])))
-        return [run for run in runs if run.state and run.state.is_final()]
+            return client.read_task_runs(task_run_filter=failed_shard)
 
     deadline = time.monotonic() + 60
     while not failed_score_runs() and time.monotonic() < deadline:

@@ -118,7 +118,7 @@ def peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
@@ -152,7 +152,7 @@ def machine() -> dict[str, str]:
     import torch
 
     return {
-        "CPU": _cpu_model(),
+        "CPU": cpu_model(),
         "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable",
         "torch threads": str(torch.get_num_threads()),
         "RAM": f"{_memory_gib():.1f} GiB",

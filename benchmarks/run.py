@@ -25,7 +25,7 @@ from benchmarks.sizes import FULL, QUICK
 ALL = ("generation", "training", "scoring", "end-to-end", "scaling", "quality", "sharded")
 # Quick mode leaves out the figures that run whole `featuresum` commands against a local server
 # (its first start alone takes 10-30 s); name them with --only to include them.
-QUICK_DEFAULT = ("generation", "training", "scoring", "scaling", "sharded")
+QUICK_DEFAULT = ("generation", "training", "scoring", "scaling")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 
 

@@ -2,12 +2,9 @@
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +25,13 @@ BATCH_ROWS = 32_768
 
 
 def _score_in_child(model: Path, source: Path | None, destination: Path | None) -> dict[str, Any]:
-    """Run benchmarks.score_child and return its report plus its peak RSS as the kernel saw it."""
+    """Run benchmarks.score_child and return its report (seconds, rows, accuracy, peak RSS)."""
     command = [sys.executable, "-m", "benchmarks.score_child", "--model", str(model)]
     command += ["--input", str(source), "--output", str(destination)] if source else ["--idle"]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
-        # wait4 gives this one child's own resource usage, not a maximum over all children so far.
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if child.returncode != 0:
-            raise RuntimeError(f"scoring child failed ({child.returncode}):\n{err.read().decode()[-3000:]}")
-        report = json.loads(out.read())
-    return {**report, "wall": wall, "max_rss_mib": usage.ru_maxrss / 1024}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"scoring child failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout)
 
 
 def _training_rows(sizes: Sizes, holdout: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[list[str]], dict[str, Any]]:
@@ -93,14 +81,14 @@ def scaling(sizes: Sizes, workdir: Path) -> Figure:
                 for path in (source, destination):
                     path.unlink(missing_ok=True)
                     path.with_name(path.name + ".json").unlink(missing_ok=True)
-            peaks[rows] = child["max_rss_mib"]
+            peaks[rows] = child["vm_hwm_mib"]
             score_table.append(
                 [
                     f"{rows:,}",
                     f"{file_bytes / 1e9:.2f}",
                     f"{child['seconds']:.1f}",
                     f"{rows / child['seconds']:,.0f}",
-                    f"{child['max_rss_mib']:,.0f}",
+                    f"{child['vm_hwm_mib']:,.0f}",
                     f"{child['accuracy']:.4f}",
                     f"{rows / generation:,.0f}",
                 ]
@@ -131,9 +119,10 @@ def scaling(sizes: Sizes, workdir: Path) -> Figure:
         "",
         "**Scoring**: each feature file is generated with the pipeline's code, then scored by "
         "`python -m benchmarks.score_child` (`load_checkpoint`, `iter_feature_batches`, `score_batches`, "
-        "`write_parquet`) in a process of its own; peak RSS is that process's `ru_maxrss` from `wait4`. "
+        "`write_parquet`) in a process of its own, which reports its peak RSS (VmHWM from /proc/self/status; "
+        "`ru_maxrss` would not do: Linux carries it across fork and exec, so a child starts with its parent's). "
         f"The model is the one trained on {sizes.scaling_train_rows[0]:,} rows above. A process that only "
-        f"imports the pipeline and loads the checkpoint peaks at {idle['max_rss_mib']:,.0f} MiB. The files "
+        f"imports the pipeline and loads the checkpoint peaks at {idle['vm_hwm_mib']:,.0f} MiB. The files "
         "are read right after being written, so mostly from the page cache.",
         "",
         *table(

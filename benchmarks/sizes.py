@@ -22,6 +22,9 @@ class Sizes:
     scaling_score_rows: tuple[int, ...]
     # (label, `featuresum run` options) of the model-quality runs.
     quality_runs: tuple[tuple[str, tuple[str, ...]], ...]
+    sharded_rows: int
+    # --shard-rows for `featuresum score`; None keeps its default.
+    sharded_shard_rows: int | None
 
 
 TINY = (("train_samples", 2000), ("holdout_samples", 500), ("score_samples", 500), ("epochs", 1))
@@ -57,6 +60,8 @@ FULL = Sizes(
         ("`featuresum run --preset full`", ("--preset", "full")),
         ("the seed script's settings", SEED_SCRIPT),
     ),
+    sharded_rows=1_000_000,
+    sharded_shard_rows=None,
 )
 
 QUICK = Sizes(
@@ -73,4 +78,6 @@ QUICK = Sizes(
     scaling_epochs=1,
     scaling_score_rows=(1_000, 40_000),
     quality_runs=(("a tiny run", ("--train-samples", "2000", "--holdout-samples", "500", "--epochs", "1")),),
+    sharded_rows=40_000,
+    sharded_shard_rows=32_768,
 )

@@ -1,5 +1,7 @@
 """The flows, run in-process against Prefect's test harness, checked through their Parquet outputs."""
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -104,3 +106,12 @@ def test_score_flow_scores_a_user_file(first_run, tmp_path):
     scored = score_flow(model=first_run["checkpoint"], input=first_run["score_input"], output=str(output))
     assert pq.read_table(output).equals(pq.read_table(first_run["predictions"]))
     assert scored["metrics"]["score_accuracy"] == first_run["metrics"]["score_accuracy"]
+
+
+def test_task_results_are_small_json_documents(first_run, tmp_path):
+    records = [path for path in (tmp_path / "results").rglob("*") if path.is_file()]
+    assert len(records) >= 6
+    for record in records:
+        assert record.stat().st_size < 20_000, record
+        stored = json.loads(record.read_text())
+        assert stored["metadata"]["serializer"]["type"] == "json"

@@ -125,11 +125,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _memory_gib() -> float:
+def _meminfo_bytes(key: str) -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/meminfo")
+
+
+def memory_available_bytes() -> int:
+    """Memory the kernel could give a new process without swapping (MemAvailable)."""
+    return _meminfo_bytes("MemAvailable")
 
 
 def _git(*args: str) -> str:
@@ -155,7 +160,7 @@ def machine() -> dict[str, str]:
         "CPU": cpu_model(),
         "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable",
         "torch threads": str(torch.get_num_threads()),
-        "RAM": f"{_memory_gib():.1f} GiB",
+        "RAM": f"{_meminfo_bytes('MemTotal') / 2**30:.1f} GiB",
         "OS": f"{platform.system()} {platform.release()}",
         "Python": platform.python_version(),
         "torch": torch.__version__,

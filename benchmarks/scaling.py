@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from benchmarks import pipeline_calls
-from benchmarks.measure import REPO, HostLoad, timed
+from benchmarks.measure import REPO, HostLoad, memory_available_bytes, timed
 from benchmarks.report import Check, Figure, table
 from benchmarks.sizes import Sizes
 from tasks import storage, training
@@ -70,6 +70,11 @@ def scaling(sizes: Sizes, workdir: Path) -> Figure:
             free = shutil.disk_usage(workdir).free
             if free < 1.2 * rows * BYTES_PER_ROW:
                 skipped.append(f"{rows:,} rows skipped: {free / 1e9:.1f} GB free under {workdir}")
+                continue
+            # A scorer that buffers its whole input must not push a shared machine out of memory.
+            available = memory_available_bytes()
+            if available < 1.5 * rows * BYTES_PER_ROW + 2**31:
+                skipped.append(f"{rows:,} rows skipped: only {available / 2**30:.1f} GiB of memory available")
                 continue
             generation = timed(
                 lambda source=source, rows=rows: pipeline_calls.generate_parquet(source, rows, SEED, "score")

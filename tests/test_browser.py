@@ -1,4 +1,4 @@
-"""The Prefect UI in headless Chromium shows a finished pipeline run and its artifacts.
+"""The Prefect UI in headless Chromium: log in, then see a finished pipeline run and its artifacts.
 
 Chromium is driven over the DevTools protocol (`--remote-debugging-port`) with the `websockets`
 package, so no driver or browser download is needed: only Debian's `chromium`.
@@ -101,14 +101,23 @@ class Browser:
 
         return wait_until(shown, timeout, f"the page to show {needles}")
 
-    def click(self, selector: str) -> None:
-        """Click the centre of the element `selector` with the mouse, as a user does."""
+    def click(self, selector: str, text: str | None = None) -> None:
+        """Click the centre of the first element matching `selector` (and showing `text`) with the mouse."""
         box = self.evaluate(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
-            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+            f"(() => {{ const e = [...document.querySelectorAll({json.dumps(selector)})]"
+            f".find(e => {json.dumps(text)} === null || e.textContent.trim() === {json.dumps(text)});"
+            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         for kind in ("mousePressed", "mouseReleased"):
             self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
+    def type_into(self, selector: str, text: str) -> None:
+        """Focus an input and type `text` into it."""
+        self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
+        self.call("Input.insertText", text=text)
+
+    def location(self) -> str:
+        return self.evaluate("location.href")
 
     def screenshot(self, path: Path) -> Path:
         path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
@@ -119,9 +128,13 @@ class Browser:
         stop_process_group(self.process)
 
 
+AUTH = "featuresum:ui-test-password"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with prefect_server(tmp_path_factory.mktemp("prefect-ui")) as server:
+    """A server with basic auth on, as README recommends for a UI that others can reach."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-ui"), auth=AUTH) as server:
         yield server
 
 
@@ -136,11 +149,37 @@ def finished_run(server, tmp_path_factory):
 
 
 @pytest.fixture
-def browser(tmp_path):
-    executable = chromium_path()
-    browser = Browser(executable, tmp_path / "chromium-profile")
+def fresh_browser(tmp_path):
+    """A browser with a new profile: not logged in."""
+    browser = Browser(chromium_path(), tmp_path / "chromium-profile")
     yield browser
     browser.close()
+
+
+@pytest.fixture
+def browser(fresh_browser, server, tmp_path):
+    """A browser logged in to the server's UI the way a user does: the login form at the start page."""
+    fresh_browser.open(f"{server.url}/")
+    try:
+        fresh_browser.wait_for_text("Login")
+        fresh_browser.type_into("input", AUTH)
+        fresh_browser.click("button", "Login")
+        fresh_browser.wait_for_text("Dashboard", "Flows", "Deployments")
+    finally:
+        fresh_browser.screenshot(tmp_path / "after-login.png")
+    return fresh_browser
+
+
+def test_ui_shows_no_runs_without_logging_in(server, finished_run, fresh_browser, tmp_path):
+    fresh_browser.open(finished_run["ui"])
+    try:
+        text = fresh_browser.wait_for_text("Authentication failed")
+    finally:
+        fresh_browser.screenshot(tmp_path / "refused.png")
+    assert "pipeline-seed0" not in text
+    fresh_browser.open(f"{server.url}/")
+    fresh_browser.wait_for_text("Login")
+    assert "/login" in fresh_browser.location()
 
 
 def test_run_page_shows_the_run_and_its_artifacts(server, finished_run, browser, tmp_path):
@@ -151,12 +190,12 @@ def test_run_page_shows_the_run_and_its_artifacts(server, finished_run, browser,
     assert finished_run["ui"] == f"{server.url}/runs/flow-run/{run.id}"
 
     browser.open(finished_run["ui"])
+    task_runs = f"{len(finished_run['task_states'])} Task runs"
     try:
-        header = browser.wait_for_text(run.name, "Completed", "Artifacts")
+        # The page fills in piece by piece; wait for every part rather than check a half-drawn page.
+        browser.wait_for_text(run.name, "Completed", "featuresum-pipeline", task_runs, "Artifacts")
     finally:
         browser.screenshot(tmp_path / "flow-run.png")
-    assert "featuresum-pipeline" in header
-    assert f"{len(finished_run['task_states'])} Task runs" in header
 
     browser.click("li.p-tab#artifacts")
     try:

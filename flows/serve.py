@@ -26,6 +26,7 @@ from flows.cli import (
     Refresh,
     ScheduleOpt,
     Seed,
+    ShardRows,
     TrainSamples,
     WeightDecay,
     _training_parameters,
@@ -95,6 +96,7 @@ def serve(
     data_dir: DataDir = Path("data"),
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,
+    shard_rows: ShardRows = None,
     refresh: Refresh = False,
 ) -> None:
     """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
@@ -118,4 +120,6 @@ def serve(
         device=device.value,
         refresh=refresh,
     )
+    if shard_rows:
+        parameters["shard_rows"] = shard_rows
     serve_pipeline(name, when, parameters)

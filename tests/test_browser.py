@@ -26,8 +26,11 @@ PAGE_TIMEOUT = 90.0
 
 def chromium_path() -> str:
     """FEATURESUM_TEST_CHROMIUM, or Debian's chromium when installed; else skip (fail in CI)."""
-    if path := os.environ.get("FEATURESUM_TEST_CHROMIUM") or shutil.which("chromium"):
+    configured = os.environ.get("FEATURESUM_TEST_CHROMIUM")
+    if path := shutil.which(configured or "chromium"):
         return path
+    if configured:
+        pytest.fail(f"FEATURESUM_TEST_CHROMIUM={configured} is not an executable")
     return require_service("FEATURESUM_TEST_CHROMIUM", "Chromium")
 
 

@@ -98,14 +98,21 @@ def _task_runner(runner: RunnerChoice, address: str | None, workers: int | None)
 def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_runner=None) -> None:
     """Run a flow against the Prefect API, wait until its task runs are recorded, then report."""
     from prefect import tags
+    from prefect.exceptions import PrefectHTTPStatusError
 
     from flows import pipeline
+    from tasks.errors import InputError
 
     flow = {"run": pipeline.pipeline_flow, "train": pipeline.train_flow, "score": pipeline.score_flow}[flow_name]
     if task_runner is not None:
         flow = flow.with_options(task_runner=task_runner)
     with runtime.prefect_api() as api_url, tags("featuresum", f"cli-{flow_name}", f"seed-{parameters['seed']}"):
-        summary = flow(**parameters)
+        try:
+            summary = flow(**parameters)
+        except PrefectHTTPStatusError as error:
+            if error.response.status_code != 401:
+                raise
+            raise InputError(f"the Prefect API at {api_url} refused us (401); set PREFECT_API_AUTH_STRING") from None
         summary["task_states"] = runtime.wait_for_task_runs(summary["flow_run_id"], list(summary.pop("task_runs")))
     summary["ui"] = f"{api_url.removesuffix('/api')}/runs/flow-run/{summary['flow_run_id']}"
     if as_json:
@@ -242,7 +249,7 @@ def score(
 
 def main() -> None:
     """Entry point: user errors end with one line on stderr and exit code 2, not a traceback."""
-    from tasks.storage import InputError
+    from tasks.errors import InputError
 
     runtime.quiet_defaults()
     command = typer.main.get_command(app)

@@ -95,6 +95,8 @@ def ensure_local_server(home: Path, timeout: float = 180.0) -> str:
         port = _free_port()
         url = f"http://127.0.0.1:{port}/api"
         env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        # The UI must call this server's API, not the default port's.
+        env["PREFECT_UI_API_URL"] = url
         env.pop("PREFECT_API_URL", None)
         with (home / SERVER_LOG).open("ab") as log:
             server = subprocess.Popen(

@@ -15,7 +15,7 @@ from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
 from tasks import data, reports, scoring, storage, training
-from tasks.storage import InputError
+from tasks.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tasks.data import NUM_CLASSES, NUM_FEATURES, Shard
+from tasks.errors import InputError
 from tasks.training import CHECKPOINT_FORMAT, model_from_checkpoint
 
 FEATURE_COLUMNS = tuple(f"f{i:03d}" for i in range(NUM_FEATURES))
@@ -39,10 +40,6 @@ PREDICTIONS_SCHEMA = pa.schema(
 )
 # Random floats do not compress and dictionary encoding makes them slower and larger.
 PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
-
-
-class InputError(ValueError):
-    """A problem with a user's file or option that retrying cannot fix; the message names it."""
 
 
 @cache

@@ -72,12 +72,15 @@ ScheduleOpt = Annotated[
 ]
 
 
-def _training_parameters(preset: Preset, **explicit: Any) -> dict[str, Any]:
-    """A preset's values, overridden by every option the user gave."""
+def _flow_parameters(preset: Preset, **options: Any) -> dict[str, Any]:
+    """Flow parameters: a preset's values, overridden by every option the user gave."""
     from flows.pipeline import PRESETS
 
+    def plain(value: Any) -> Any:
+        return value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
+
     values = dict(PRESETS[preset.value])
-    values.update({k: (v.value if isinstance(v, Enum) else v) for k, v in explicit.items() if v is not None})
+    values.update({key: plain(value) for key, value in options.items() if value is not None})
     return values
 
 
@@ -150,7 +153,7 @@ def run(
     json_output: JsonOpt = False,
 ) -> None:
     """Run the whole pipeline: generate data, train and checkpoint, score a new batch."""
-    parameters = _training_parameters(
+    parameters = _flow_parameters(
         preset,
         train_samples=train_samples,
         holdout_samples=holdout_samples,
@@ -160,12 +163,13 @@ def run(
         lr=lr,
         weight_decay=weight_decay,
         schedule=schedule,
+        seed=seed,
+        data_dir=data_dir,
+        artifacts_dir=artifacts_dir,
+        device=device,
+        shard_rows=shard_rows,
+        refresh=refresh,
     )
-    parameters.update(
-        seed=seed, data_dir=str(data_dir), artifacts_dir=str(artifacts_dir), device=device.value, refresh=refresh
-    )
-    if shard_rows:
-        parameters["shard_rows"] = shard_rows
     _execute("run", parameters, json_output, _task_runner(runner, dask_address, dask_workers))
 
 
@@ -187,7 +191,7 @@ def train(
     json_output: JsonOpt = False,
 ) -> None:
     """Generate training and held-out data, train and checkpoint the model, report held-out accuracy."""
-    parameters = _training_parameters(
+    parameters = _flow_parameters(
         preset,
         train_samples=train_samples,
         holdout_samples=holdout_samples,
@@ -196,11 +200,13 @@ def train(
         lr=lr,
         weight_decay=weight_decay,
         schedule=schedule,
+        seed=seed,
+        data_dir=data_dir,
+        artifacts_dir=artifacts_dir,
+        device=device,
+        refresh=refresh,
     )
     parameters.pop("score_samples")
-    parameters.update(
-        seed=seed, data_dir=str(data_dir), artifacts_dir=str(artifacts_dir), device=device.value, refresh=refresh
-    )
     _execute("train", parameters, json_output)
 
 

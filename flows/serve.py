@@ -29,7 +29,7 @@ from flows.cli import (
     ShardRows,
     TrainSamples,
     WeightDecay,
-    _training_parameters,
+    _flow_parameters,
     app,
 )
 
@@ -101,7 +101,7 @@ def serve(
 ) -> None:
     """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
     when = cron_schedule(cron, timezone)
-    parameters = _training_parameters(
+    parameters = _flow_parameters(
         preset,
         train_samples=train_samples,
         holdout_samples=holdout_samples,
@@ -111,15 +111,12 @@ def serve(
         lr=lr,
         weight_decay=weight_decay,
         schedule=schedule,
-    )
-    # Absolute folders: runs execute in subprocesses and may be triggered from anywhere.
-    parameters.update(
         seed=seed,
-        data_dir=str(data_dir.resolve()),
-        artifacts_dir=str(artifacts_dir.resolve()),
-        device=device.value,
+        # Absolute folders: runs execute in subprocesses and may be triggered from anywhere.
+        data_dir=data_dir.resolve(),
+        artifacts_dir=artifacts_dir.resolve(),
+        device=device,
+        shard_rows=shard_rows,
         refresh=refresh,
     )
-    if shard_rows:
-        parameters["shard_rows"] = shard_rows
     serve_pipeline(name, when, parameters)

@@ -62,3 +62,13 @@ def test_resuming_gives_the_same_model_as_an_uninterrupted_run():
     assert resumed.epoch == 3
     for key, value in straight.model.state_dict().items():
         assert torch.allclose(value, resumed.model.state_dict()[key]), key
+
+
+def test_cuda_falls_back_to_the_cpu_with_a_warning_when_absent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.resolve_device("auto") == ("cpu", None)
+    assert training.resolve_device("cpu") == ("cpu", None)
+    device, warning = training.resolve_device("cuda")
+    assert device == "cpu" and "no GPU is available" in warning
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.resolve_device("auto") == ("cuda", None)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task
 
 from tasks import storage
@@ -41,6 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULTS = PRESETS["default"]
 # Rows per scoring shard (whole row groups); each shard is one task run, in parallel on Dask.
 SHARD_ROWS = 262_144
+# In-process shards run one at a time: torch already uses every core, and memory stays bounded.
+IN_PROCESS = ThreadPoolTaskRunner(max_workers=1)
 
 
 def _call(task: Task, states: dict[str, str], **parameters: Any) -> dict:
@@ -166,7 +169,7 @@ def train_flow(
     return _summary(states, train_data=train, checkpoint=model)
 
 
-@flow(name="featuresum-score", flow_run_name="score-seed{seed}")
+@flow(name="featuresum-score", flow_run_name="score-seed{seed}", task_runner=IN_PROCESS)
 def score_flow(
     model: str,
     input: str | None = None,
@@ -194,6 +197,7 @@ def score_flow(
 @flow(
     name="featuresum-pipeline",
     flow_run_name="pipeline-seed{seed}-train{train_samples}-score{score_samples}",
+    task_runner=IN_PROCESS,
 )
 def pipeline_flow(
     train_samples: int = DEFAULTS["train_samples"],

@@ -160,7 +160,8 @@ def open_features(path: Path) -> pq.ParquetFile:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
-        parquet = pq.ParquetFile(path)
+        # pre_buffer (on by default) caches every column chunk read, so memory grows with the file.
+        parquet = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowException, OSError) as error:
         raise InputError(f"{path}: not a readable Parquet file ({error})") from None
     schema = parquet.schema_arrow
@@ -184,7 +185,7 @@ def open_features(path: Path) -> pq.ParquetFile:
 
 
 def iter_feature_batches(
-    path: Path, batch_rows: int = 32_768, row_groups: list[int] | None = None
+    path: Path, batch_rows: int = 16_384, row_groups: list[int] | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Stream (sample_id, features of shape (784, rows) float32, label or None) from a feature file.
 

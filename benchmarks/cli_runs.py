@@ -122,6 +122,17 @@ class LocalPrefect:
         runtime.stop_local_server(self.home)
 
 
+def _run_settings(options: tuple[str, ...]) -> dict[str, Any]:
+    """The preset's values overridden by explicit `featuresum run` options."""
+    from flows.pipeline import PRESETS
+
+    pairs = zip(options[::2], options[1::2], strict=True)
+    given = {name.removeprefix("--").replace("-", "_"): value for name, value in pairs}
+    settings = dict(PRESETS[given.pop("preset", "default")])
+    settings.update({key: type(settings[key])(value) for key, value in given.items() if key in settings})
+    return settings
+
+
 def _task_kind(name: str) -> str:
     """`generate-train-300000rows-seed0` -> `generate-train`; `score-/path` -> `score`."""
     if name.startswith("generate-"):
@@ -159,12 +170,14 @@ def end_to_end(sizes: Sizes, cli: LocalPrefect, workdir: Path) -> tuple[list[Fig
         task_times: list[dict[str, float]] = []
         flow_times: list[float] = []
         edited: list[int] = []
+        loads: dict[str, list[float]] = {"featuresum run": [], "plain script": []}
 
         def pipeline() -> float:
             for attempt in range(3):
                 dirs = cli.fresh_dirs("e2e")
                 before = code_digest()
-                first = cli.featuresum("run", *cli_options(overrides), *dirs)
+                with HostLoad() as first_load:
+                    first = cli.featuresum("run", *cli_options(overrides), *dirs)
                 rerun = cli.featuresum("run", *cli_options(overrides), *dirs)
                 _remove_run(dirs)
                 if code_digest() == before:
@@ -172,14 +185,17 @@ def end_to_end(sizes: Sizes, cli: LocalPrefect, workdir: Path) -> tuple[list[Fig
                 # Someone changed tasks/ meanwhile: the rerun missed the cache for that reason; measure again.
                 edited.append(attempt)
             first_runs.append(first)
+            loads["featuresum run"].append(first_load.foreign_cores)
             reruns.append(rerun)
             task_times.append(cli.task_seconds(first))
             flow_times.append(cli.flow_seconds(first))
             return first.wall
 
         def plain() -> float:
-            wall, summary = _plain(workdir, settings, f"plain-{len(plain_runs)}")
+            with HostLoad() as plain_load:
+                wall, summary = _plain(workdir, settings, f"plain-{len(plain_runs)}")
             plain_runs.append(summary)
+            loads["plain script"].append(plain_load.foreign_cores)
             return wall
 
         seconds = interleave(sizes.e2e_reps, {"featuresum run": pipeline, "plain script": plain})
@@ -221,6 +237,26 @@ def end_to_end(sizes: Sizes, cli: LocalPrefect, workdir: Path) -> tuple[list[Fig
         + ", plain script "
         + Spread.of([run["val_accuracy"] for run in plain_runs]).format(".4f")
         + ".",
+    ]
+    e2e_body += [
+        "",
+        "Per repetition, with the cores other processes kept busy during each command (the local Prefect "
+        "server counts as another process):",
+        "",
+        *table(
+            ["repetition", "`featuresum run` s", "other cores", "plain script s", "other cores", "ratio"],
+            [
+                [
+                    i + 1,
+                    f"{a:.1f}",
+                    f"{loads['featuresum run'][i]:.2f}",
+                    f"{b:.1f}",
+                    f"{loads['plain script'][i]:.2f}",
+                    f"{a / b:.2f}",
+                ]
+                for i, (a, b) in enumerate(zip(seconds["featuresum run"], seconds["plain script"], strict=True))
+            ],
+        ),
     ]
     if edited:
         e2e_body.append(
@@ -284,18 +320,23 @@ def model_quality(sizes: Sizes, cli: LocalPrefect, end_to_end_metrics: list[dict
     with HostLoad() as load:
         for label, options in sizes.quality_runs:
             dirs = cli.fresh_dirs("quality")
-            run = cli.featuresum("run", *options, *dirs)
+            with HostLoad() as run_load:
+                run = cli.featuresum("run", *options, *dirs)
             _remove_run(dirs)
             tasks = cli.task_seconds(run)
             train_seconds = sum(s for name, s in tasks.items() if name.startswith("train-model"))
             metrics = run.summary["metrics"]
+            settings = _run_settings(options)
+            samples = settings["train_samples"] * run.summary["epochs_completed"]
             rows.append(
                 [
                     label,
                     f"{metrics['val_accuracy']:.4f}",
                     metrics["holdout_rows"],
                     f"{train_seconds:.1f}",
+                    f"{samples / train_seconds:,.0f}",
                     f"{run.wall:.1f}",
+                    f"{run_load.foreign_cores:.2f}",
                 ]
             )
             if options == ("--preset", "full"):
@@ -315,13 +356,24 @@ def model_quality(sizes: Sizes, cli: LocalPrefect, end_to_end_metrics: list[dict
         accuracy = Spread.of([metrics["val_accuracy"] for metrics in end_to_end_metrics])
         holdout_rows = end_to_end_metrics[0]["holdout_rows"]
         label = "`featuresum run` " + ("(defaults" if not sizes.e2e_overrides else "(figure 4's sizes") + ", figure 4)"
-        rows.append([label, accuracy.format(".4f"), holdout_rows, "-", "-"])
+        rows.append([label, accuracy.format(".4f"), holdout_rows, "-", "-", "-", "-"])
         checks.append(Check(f"{label}: held-out accuracy", accuracy.format(".4f")))
     body = [
         "Each run is a fresh `featuresum run --json` against the warm local server. Training time is the "
         "`train-model` task's run time as Prefect recorded it: reading the training and held-out Parquet "
         "files, all epochs with a held-out evaluation and a checkpoint after each, and the final checkpoint.",
         "",
-        *table(["settings", "held-out accuracy", "held-out rows", "training s", "whole run s"], rows),
+        *table(
+            [
+                "settings",
+                "held-out accuracy",
+                "held-out rows",
+                "training s",
+                "training samples/s",
+                "whole run s",
+                "other processes' cores",
+            ],
+            rows,
+        ),
     ]
     return Figure("7. Model quality", checks, body, load.wall, load.foreign_cores)

@@ -50,6 +50,11 @@ def ratios(numerators: list[float], denominators: list[float]) -> Spread:
     return Spread.of([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
+def best_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Ratio of the fastest repetitions: load from other processes only ever slows a run down."""
+    return min(numerators) / min(denominators)
+
+
 def interleave(reps: int, variants: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
     """Run every variant once per repetition, rotating the order so drift and warm-up hit all alike.
 

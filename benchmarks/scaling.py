@@ -1,5 +1,6 @@
 """Figure 6: how training time and accuracy, and scoring time and peak memory, scale with rows."""
 
+import inspect
 import json
 import math
 import shutil
@@ -20,8 +21,8 @@ SEED = 0
 CPU = torch.device("cpu")
 BYTES_PER_ROW = 3_160  # 784 float32 features, sample_id and label, uncompressed
 RSS_LIMIT_MIB = 1_536
-# The pipeline reads this many rows per batch; files smaller than one batch need less memory.
-BATCH_ROWS = 32_768
+# Rows the pipeline reads per batch; files smaller than one batch need less memory.
+BATCH_ROWS = inspect.signature(storage.iter_feature_batches).parameters["batch_rows"].default
 
 
 def _score_in_child(model: Path, source: Path | None, destination: Path | None) -> dict[str, Any]:
@@ -43,10 +44,18 @@ def _training_rows(sizes: Sizes, holdout: tuple[torch.Tensor, torch.Tensor]) -> 
     for rows in sizes.scaling_train_rows:
         x, y = pipeline_calls.dataset_in_memory(SEED, "train", rows)
         state = training.new_training_state(config, math.ceil(rows / config.batch_size), CPU)
-        seconds = timed(lambda state=state, x=x, y=y: training.fit(state, (x, y), holdout, config))
+        with HostLoad() as load:
+            training.fit(state, (x, y), holdout, config)
         accuracy = training.accuracy(training.evaluate(state.model, *holdout))
         rows_table.append(
-            [f"{rows:,}", config.epochs, f"{seconds:.1f}", f"{rows * config.epochs / seconds:,.0f}", f"{accuracy:.4f}"]
+            [
+                f"{rows:,}",
+                config.epochs,
+                f"{load.wall:.1f}",
+                f"{rows * config.epochs / load.wall:,.0f}",
+                f"{accuracy:.4f}",
+                f"{load.foreign_cores:.2f}",
+            ]
         )
         if checkpoint is None:
             checkpoint = training.to_checkpoint(state, config, {})
@@ -81,7 +90,8 @@ def scaling(sizes: Sizes, workdir: Path) -> Figure:
             )
             file_bytes = source.stat().st_size
             try:
-                child = _score_in_child(model, source, destination)
+                with HostLoad() as child_load:
+                    child = _score_in_child(model, source, destination)
             finally:
                 for path in (source, destination):
                     path.unlink(missing_ok=True)
@@ -96,6 +106,7 @@ def scaling(sizes: Sizes, workdir: Path) -> Figure:
                     f"{child['vm_hwm_mib']:,.0f}",
                     f"{child['accuracy']:.4f}",
                     f"{rows / generation:,.0f}",
+                    f"{child_load.foreign_cores:.2f}",
                 ]
             )
 
@@ -118,9 +129,13 @@ def scaling(sizes: Sizes, workdir: Path) -> Figure:
         "**Training** with the pipeline's `training.fit` and default settings "
         f"(batch {training.TrainConfig().batch_size}, AdamW, one-cycle) on rows generated in memory; held-out "
         f"accuracy on {sizes.scaling_holdout_rows:,} fresh rows (another stream), which `fit` also evaluates "
-        "after every epoch (included in the time). One measurement per size.",
+        "after every epoch (included in the time). One measurement per size; the last column is how many "
+        "cores other processes kept busy meanwhile (training slows down several times when it is above 0.5).",
         "",
-        *table(["training rows", "epochs", "seconds", "samples/s", "held-out accuracy"], train_table),
+        *table(
+            ["training rows", "epochs", "seconds", "samples/s", "held-out accuracy", "other processes' cores"],
+            train_table,
+        ),
         "",
         "**Scoring**: each feature file is generated with the pipeline's code, then scored by "
         "`python -m benchmarks.score_child` (`load_checkpoint`, `iter_feature_batches`, `score_batches`, "
@@ -131,7 +146,17 @@ def scaling(sizes: Sizes, workdir: Path) -> Figure:
         "are read right after being written, so mostly from the page cache.",
         "",
         *table(
-            ["rows", "file GB", "scoring s", "rows/s", "peak RSS MiB", "accuracy", "generation rows/s"], score_table
+            [
+                "rows",
+                "file GB",
+                "scoring s",
+                "rows/s",
+                "peak RSS MiB",
+                "accuracy",
+                "generation rows/s",
+                "other processes' cores",
+            ],
+            score_table,
         ),
         *([""] + skipped if skipped else []),
     ]

@@ -8,6 +8,8 @@ class Sizes:
     """Row counts and repetitions for every benchmark."""
 
     reps: int
+    # Training epochs are the most sensitive to other processes: more, shorter repetitions.
+    training_reps: int
     e2e_reps: int
     generation_rows: int
     training_rows: int
@@ -45,9 +47,10 @@ SEED_SCRIPT = (
 
 FULL = Sizes(
     reps=5,
+    training_reps=9,
     e2e_reps=3,
     generation_rows=200_000,
-    training_rows=100_000,
+    training_rows=50_000,
     training_holdout_rows=20_000,
     training_batch_sizes=(256, 1024),
     scoring_rows=200_000,
@@ -66,6 +69,7 @@ FULL = Sizes(
 
 QUICK = Sizes(
     reps=1,
+    training_reps=1,
     e2e_reps=1,
     generation_rows=5_000,
     training_rows=4_000,

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks import bare, pipeline_calls
-from benchmarks.measure import HostLoad, Spread, interleave, ratios, settle_disk, timed
+from benchmarks.measure import HostLoad, Spread, best_ratio, interleave, ratios, settle_disk, timed
 from benchmarks.report import Check, Figure, table
 from benchmarks.sizes import Sizes
 from tasks import training
@@ -53,7 +53,8 @@ def generation(sizes: Sizes, workdir: Path) -> Figure:
         "pipeline and bare interleaved; dirty pages are flushed (untimed) before each repetition.",
         "",
         "- **pipeline**: `storage.write_parquet(path, DATASET_SCHEMA, map(shard_to_batch, data.generate_dataset(...)))`"
-        " then `storage.write_manifest(path, content_key=...)` (32,768-row shards, atomic rename after fsync).",
+        " then `storage.write_manifest(path, content_key=...)` (generated in shards, renamed into place after an "
+        "fsync).",
         "- **bare**: one `torch.randn(784, rows)`, labels by `bucketize` of the float64 sums, `pq.write_table` with "
         "dictionary, compression and statistics off (the pipeline's options), no fsync.",
         "",
@@ -63,6 +64,7 @@ def generation(sizes: Sizes, workdir: Path) -> Figure:
                 ["pipeline", _rates(rows, seconds["pipeline"]).format(",.0f"), f"{file_sizes[ours.name]:,}"],
                 ["bare", _rates(rows, seconds["bare"]).format(",.0f"), f"{file_sizes[theirs.name]:,}"],
                 ["pipeline ÷ bare", ratio.format(".2f"), ""],
+                ["fastest pipeline ÷ fastest bare", f"{best_ratio(seconds['bare'], seconds['pipeline']):.2f}", ""],
             ],
         ),
     ]
@@ -102,10 +104,10 @@ def training_throughput(sizes: Sizes, workdir: Path) -> Figure:
                 return timed(work)
 
             variants = {
-                "pipeline train_epoch": pipeline_epoch,
+                "train_epoch": pipeline_epoch,
                 "bare epoch": bare_epoch,
-                "pipeline fit (1 epoch + held-out evaluation)": pipeline_fit,
-                "bare epoch + held-out evaluation": lambda bare_epoch=bare_epoch: bare_epoch(evaluate=True),
+                "fit": pipeline_fit,
+                "bare epoch + evaluation": lambda bare_epoch=bare_epoch: bare_epoch(evaluate=True),
             }
             # Warm-up: first calls pay for thread pools and allocator growth.
             warm = training.TrainConfig(epochs=1, batch_size=batch_size, seed=SEED)
@@ -114,40 +116,37 @@ def training_throughput(sizes: Sizes, workdir: Path) -> Figure:
             )
             model, optimizer, scheduler = bare.new_model(warm.lr, warm.weight_decay, warm.schedule, 4, SEED)
             bare.train_one_epoch(model, optimizer, scheduler, x[: 4 * batch_size], y[: 4 * batch_size], batch_size)
-            seconds = interleave(sizes.reps, variants)
-            epoch_ratio = ratios(seconds["bare epoch"], seconds["pipeline train_epoch"])
-            fit_ratio = ratios(
-                seconds["bare epoch + held-out evaluation"], seconds["pipeline fit (1 epoch + held-out evaluation)"]
-            )
+            seconds = interleave(sizes.training_reps, variants)
+            pairs = {"train_epoch": "bare epoch", "fit": "bare epoch + evaluation"}
+            paired = {ours: ratios(seconds[theirs], seconds[ours]) for ours, theirs in pairs.items()}
+            labels = {
+                "train_epoch": "pipeline `train_epoch`",
+                "bare epoch": "bare epoch",
+                "fit": "pipeline `fit` (1 epoch + held-out evaluation)",
+                "bare epoch + evaluation": "bare epoch + held-out evaluation",
+            }
             lines += [f"**Batch {batch_size}** ({steps} steps per epoch)", ""]
             lines += table(
                 ["", "samples/s (min / **median** / max)"],
-                [[name, _rates(rows, s).format(",.0f")] for name, s in seconds.items()]
+                [[labels[name], _rates(rows, s).format(",.0f")] for name, s in seconds.items()]
+                + [[f"`{ours}` ÷ {theirs}", paired[ours].format(".2f")] for ours, theirs in pairs.items()]
                 + [
-                    ["train_epoch ÷ bare epoch", epoch_ratio.format(".2f")],
-                    ["fit ÷ bare epoch + evaluation", fit_ratio.format(".2f")],
+                    [f"fastest `{ours}` ÷ fastest {theirs}", f"{best_ratio(seconds[theirs], seconds[ours]):.2f}"]
+                    for ours, theirs in pairs.items()
                 ],
             )
             lines.append("")
             checks += [
                 Check(
-                    f"train_epoch samples/s ÷ bare, batch {batch_size}",
-                    epoch_ratio.format(".2f"),
-                    ">= 0.9",
-                    epoch_ratio.median >= 0.9,
-                ),
-                Check(
-                    f"fit samples/s ÷ bare, batch {batch_size}",
-                    fit_ratio.format(".2f"),
-                    ">= 0.9",
-                    fit_ratio.median >= 0.9,
-                ),
+                    f"`{ours}` samples/s ÷ bare, batch {batch_size}", ratio.format(".2f"), ">= 0.9", ratio.median >= 0.9
+                )
+                for ours, ratio in paired.items()
             ]
     config = training.TrainConfig()
     body = [
         f"{rows:,} in-memory training rows and {holdout_rows:,} held-out rows; FeatureSumMLP, AdamW "
         f"(lr {config.lr}, weight decay {config.weight_decay}), one-cycle over the epoch; "
-        f"{sizes.reps} repetitions, the four variants interleaved in rotating order. The bare loop is "
+        f"{sizes.training_reps} repetitions, the four variants interleaved in rotating order. The bare loop is "
         "`randperm`, index the batch, forward, cross-entropy, `zero_grad`, backward, step, scheduler step.",
         "",
         *lines,
@@ -186,7 +185,7 @@ def scoring_throughput(sizes: Sizes, workdir: Path) -> Figure:
         f"{rows:,} labelled rows ({source_bytes:,} bytes) scored by "
         f"the same checkpoint, {sizes.reps} repetitions interleaved; the input is in the page cache for both.",
         "",
-        "- **pipeline**: `load_checkpoint`, `iter_feature_batches` (32,768-row batches, finiteness check), "
+        "- **pipeline**: `load_checkpoint`, `iter_feature_batches` (streamed batches, finiteness check), "
         "`scoring.score_batches`, `write_parquet(..., PREDICTIONS_SCHEMA, ...)` (atomic, fsync), `write_manifest`.",
         "- **bare**: `torch.load`, `pq.read_table` of the whole file, one forward pass, `pq.write_table`.",
         f"- Both wrote the same predicted classes: {'yes' if same else '**no**'}.",
@@ -197,6 +196,7 @@ def scoring_throughput(sizes: Sizes, workdir: Path) -> Figure:
                 ["pipeline", _rates(rows, seconds["pipeline"]).format(",.0f")],
                 ["bare", _rates(rows, seconds["bare"]).format(",.0f")],
                 ["pipeline ÷ bare", ratio.format(".2f")],
+                ["fastest pipeline ÷ fastest bare", f"{best_ratio(seconds['bare'], seconds['pipeline']):.2f}"],
             ],
         ),
     ]

@@ -29,6 +29,15 @@ QUICK_DEFAULT = ("generation", "training", "scoring", "scaling")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def _gpu_results() -> str:
+    """Links to the gpu_check tables saved beside the results (GPU-<card>.md), measured on other machines."""
+    saved = sorted(DEFAULT_OUTPUT.parent.glob("GPU-*.md"))
+    if not saved:
+        return " and prints its own table"
+    links = ", ".join(f"[{path.name}]({path.name})" for path in saved)
+    return f"; its figures from {', '.join(path.stem.removeprefix('GPU-') for path in saved)} are in {links}"
+
+
 def _log(message: str) -> None:
     print(f"[benchmarks {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
@@ -144,7 +153,7 @@ def main() -> None:
         "headline figures. Absolute rates are lower bounds for an idle machine.",
         "",
         "GPU: none here. `python -m benchmarks.gpu_check` trains and scores on cuda and on the CPU "
-        "where a GPU is present and prints its own table.",
+        f"where a GPU is present{_gpu_results()}.",
     ]
     args.output.write_text(render("Benchmark results", preamble, described, figures))
     _log(f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output}")

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from tasks.data import CLASS_BOUNDARIES, NUM_FEATURES
-from tasks.model import FeatureSumMLP
+from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_FEATURES
+from featuresum.tasks.model import FeatureSumMLP
 
 FEATURE_NAMES = [f"f{i:03d}" for i in range(NUM_FEATURES)]
 PARQUET_WRITE = {"compression": "none", "use_dictionary": False, "write_statistics": False}

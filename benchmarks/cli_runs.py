@@ -96,7 +96,7 @@ class LocalPrefect:
         return CliRun(wall, json.loads(result.stdout))
 
     def _api(self, path: str, body: dict | None = None) -> Any:
-        from flows import runtime
+        from featuresum.flows import runtime
 
         url = runtime.local_server_url(self.home)
         if url is None:
@@ -117,14 +117,14 @@ class LocalPrefect:
 
     def close(self) -> None:
         """Stop the local server the commands started."""
-        from flows import runtime
+        from featuresum.flows import runtime
 
         runtime.stop_local_server(self.home)
 
 
 def _run_settings(options: tuple[str, ...]) -> dict[str, Any]:
     """The preset's values overridden by explicit `featuresum run` options."""
-    from flows.pipeline import PRESETS
+    from featuresum.flows.pipeline import PRESETS
 
     pairs = zip(options[::2], options[1::2], strict=True)
     given = {name.removeprefix("--").replace("-", "_"): value for name, value in pairs}
@@ -158,7 +158,7 @@ def _remove_run(args: list[str]) -> None:
 
 def end_to_end(sizes: Sizes, cli: LocalPrefect, workdir: Path) -> tuple[list[Figure], list[dict[str, Any]]]:
     """Figures 4 and 5, plus the metrics of the end-to-end runs (for figure 7)."""
-    from flows.pipeline import PRESETS
+    from featuresum.flows.pipeline import PRESETS
 
     with HostLoad() as load:
         cold, warm = cli.warm_up()

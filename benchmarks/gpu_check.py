@@ -17,7 +17,7 @@ import torch
 from benchmarks import pipeline_calls
 from benchmarks.measure import cpu_model
 from benchmarks.report import table
-from tasks import data, scoring, training
+from featuresum.tasks import data, scoring, training
 
 SEED = 0
 

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks import data, scoring, storage, training
+from featuresum.tasks import data, scoring, storage, training
 
 
 def generate_parquet(path: Path, rows: int, seed: int, stream: str = "train") -> dict[str, Any]:

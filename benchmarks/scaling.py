@@ -15,7 +15,7 @@ from benchmarks import pipeline_calls
 from benchmarks.measure import REPO, HostLoad, memory_available_bytes, timed
 from benchmarks.report import Check, Figure, table
 from benchmarks.sizes import Sizes
-from tasks import storage, training
+from featuresum.tasks import storage, training
 
 SEED = 0
 CPU = torch.device("cpu")

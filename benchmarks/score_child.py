@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     if args.idle:
-        from tasks import storage
+        from featuresum.tasks import storage
 
         storage.load_checkpoint(args.model)
         rows, accuracy = 0, None

@@ -10,7 +10,7 @@ from benchmarks import bare, pipeline_calls
 from benchmarks.measure import HostLoad, Spread, best_ratio, interleave, ratios, settle_disk, timed
 from benchmarks.report import Check, Figure, table
 from benchmarks.sizes import Sizes
-from tasks import training
+from featuresum.tasks import training
 
 SEED = 0
 CPU = torch.device("cpu")

@@ -1,5 +1,5 @@
-"""`python -m flows` is the `featuresum` command."""
+"""`python -m featuresum.flows` is the `featuresum` command."""
 
-from flows.cli import main
+from featuresum.flows.cli import main
 
 main()

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows import runtime
+from featuresum.flows import runtime
 
 app = typer.Typer(
     help="Synthetic feature-sum classifier: generate data, train, and score, as Prefect flows.\n\n"
@@ -74,7 +74,7 @@ ScheduleOpt = Annotated[
 
 def _flow_parameters(preset: Preset, **options: Any) -> dict[str, Any]:
     """Flow parameters: a preset's values, overridden by every option the user gave."""
-    from flows.pipeline import PRESETS
+    from featuresum.flows.pipeline import PRESETS
 
     def plain(value: Any) -> Any:
         return value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
@@ -103,8 +103,8 @@ def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_run
     from prefect import tags
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from flows import pipeline
-    from tasks.errors import InputError
+    from featuresum.flows import pipeline
+    from featuresum.tasks.errors import InputError
 
     flow = {"run": pipeline.pipeline_flow, "train": pipeline.train_flow, "score": pipeline.score_flow}[flow_name]
     if task_runner is not None:
@@ -228,7 +228,7 @@ def score(
     json_output: JsonOpt = False,
 ) -> None:
     """Score a Parquet file (--input) or a freshly generated batch (--samples) with a checkpoint."""
-    from tasks import storage
+    from featuresum.tasks import storage
 
     if (input is None) == (samples is None):
         raise typer.BadParameter("give exactly one of --input PARQUET or --samples N")
@@ -255,7 +255,7 @@ def score(
 
 def main() -> None:
     """Entry point: user errors end with one line on stderr and exit code 2, not a traceback."""
-    from tasks.errors import InputError
+    from featuresum.tasks.errors import InputError
 
     runtime.quiet_defaults()
     command = typer.main.get_command(app)
@@ -270,4 +270,4 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-import flows.serve  # noqa: E402, F401  (registers `featuresum serve`; it reuses the options above)
+import featuresum.flows.serve  # noqa: E402, F401  (registers `featuresum serve`; it reuses the options above)

@@ -9,9 +9,15 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task
 
-from tasks import storage
-from tasks.prefect_tasks import fingerprint_input, generate_dataset, score_shard, train_model, write_predictions
-from tasks.training import TrainConfig, resolve_device
+from featuresum.tasks import storage
+from featuresum.tasks.prefect_tasks import (
+    fingerprint_input,
+    generate_dataset,
+    score_shard,
+    train_model,
+    write_predictions,
+)
+from featuresum.tasks.training import TrainConfig, resolve_device
 
 Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["onecycle", "constant"]

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flows import runtime
-from flows.cli import (
+from featuresum.flows import runtime
+from featuresum.flows.cli import (
     ArtifactsDir,
     BatchSize,
     DataDir,
@@ -61,7 +61,7 @@ def serve_pipeline(name: str, schedule: "Schedule", parameters: dict[str, Any]) 
     """Create (or update) the deployment `featuresum-pipeline/<name>` and execute its runs until stopped."""
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.pipeline import pipeline_flow
+    from featuresum.flows.pipeline import pipeline_flow
 
     with runtime.prefect_api():
         pipeline_flow.serve(

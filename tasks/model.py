@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tasks.data import NUM_CLASSES, NUM_FEATURES
+from featuresum.tasks.data import NUM_CLASSES, NUM_FEATURES
 
 
 @dataclass(frozen=True)

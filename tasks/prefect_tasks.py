@@ -14,8 +14,8 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
-from tasks import data, reports, scoring, storage, training
-from tasks.errors import InputError
+from featuresum.tasks import data, reports, scoring, storage, training
+from featuresum.tasks.errors import InputError
 
 
 @dataclass(frozen=True)

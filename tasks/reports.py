@@ -5,8 +5,8 @@ from typing import Any
 import torch
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.data import CLASS_BOUNDARIES, NUM_CLASSES
-from tasks.scoring import ScoreSummary
+from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES
+from featuresum.tasks.scoring import ScoreSummary
 
 
 def class_range(label: int) -> str:

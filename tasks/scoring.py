@@ -8,8 +8,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from tasks.data import NUM_CLASSES
-from tasks.storage import PREDICTIONS_SCHEMA
+from featuresum.tasks.data import NUM_CLASSES
+from featuresum.tasks.storage import PREDICTIONS_SCHEMA
 
 
 @dataclass

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tasks.data import NUM_CLASSES, NUM_FEATURES, Shard
-from tasks.errors import InputError
-from tasks.training import CHECKPOINT_FORMAT, model_from_checkpoint
+from featuresum.tasks.data import NUM_CLASSES, NUM_FEATURES, Shard
+from featuresum.tasks.errors import InputError
+from featuresum.tasks.training import CHECKPOINT_FORMAT, model_from_checkpoint
 
 FEATURE_COLUMNS = tuple(f"f{i:03d}" for i in range(NUM_FEATURES))
 DATASET_SCHEMA = pa.schema(

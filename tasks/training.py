@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.data import CLASS_BOUNDARIES, NUM_CLASSES, derive_seed
-from tasks.model import FeatureSumMLP, ModelConfig
+from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES, derive_seed
+from featuresum.tasks.model import FeatureSumMLP, ModelConfig
 
 CHECKPOINT_FORMAT = "featuresum-checkpoint/1"
 SCHEDULES = ("onecycle", "constant")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import runtime
-from tasks import data, storage, training
+from featuresum.flows import runtime
+from featuresum.tasks import data, storage, training
 
 runtime.quiet_defaults()
 

@@ -8,7 +8,7 @@ import sys
 from prefect import flow, task
 from prefect.runtime import flow_run
 
-from flows import runtime
+from featuresum.flows import runtime
 
 
 @task(task_run_name="square-{i}")

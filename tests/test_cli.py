@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_json, small_run_args
 
-from tasks import data, storage
+from featuresum.tasks import data, storage
 
 
 def test_help_explains_every_command(cli):

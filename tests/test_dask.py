@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect_dask import DaskTaskRunner
 
-from flows.pipeline import score_flow
-from tasks import data, storage
+from featuresum.flows.pipeline import score_flow
+from featuresum.tasks import data, storage
 
 
 def test_dask_runner_scores_shards_identically(prefect, checkpoint, tmp_path):

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tasks import data, storage
+from featuresum.tasks import data, storage
 
 
 def seed_rule(feature_sum: float) -> int:

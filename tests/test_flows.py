@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flows.pipeline import pipeline_flow, score_flow
-from tasks import data, storage
+from featuresum.flows.pipeline import pipeline_flow, score_flow
+from featuresum.tasks import data, storage
 
 SMALL = {"train_samples": 3000, "holdout_samples": 800, "score_samples": 600, "epochs": 2, "batch_size": 128}
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from tasks import data, storage, training
-from tasks.model import FeatureSumMLP
+from featuresum.tasks import data, storage, training
+from featuresum.tasks.model import FeatureSumMLP
 
 
 def test_model_shapes_match_the_original_script():

@@ -13,8 +13,8 @@ import torch
 from conftest import run_json, small_run_args
 from test_flows import SMALL
 
-from flows.pipeline import pipeline_flow, score_flow
-from tasks import storage
+from featuresum.flows.pipeline import pipeline_flow, score_flow
+from featuresum.tasks import storage
 
 
 def task_runs(flow_run_id):

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows import runtime
+from featuresum.flows import runtime
 
 
 def test_every_task_run_of_a_many_task_flow_is_recorded(cli):

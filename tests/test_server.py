@@ -244,7 +244,7 @@ def test_serve_creates_the_cron_deployment(served):
     (schedule,) = deployment.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (CRON, TIMEZONE, True)
     assert deployment.paused is False
-    assert deployment.entrypoint == "flows.pipeline.pipeline_flow"
+    assert deployment.entrypoint == "featuresum.flows.pipeline.pipeline_flow"
     assert {"featuresum", "scheduled"} <= set(deployment.tags)
     assert deployment.parameters == {
         **SMALL,

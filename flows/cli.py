@@ -1,24 +1,58 @@
-"""The `featuresum` command line: one-off pipeline runs, training, scoring and scheduled serving."""
+"""The `featuresum` command line: one-off pipeline runs, training, scoring and scheduled serving.
 
+Exit codes: 0 success; 2 for what the user can fix (an option, a file, a folder); 1 for the
+environment (the Prefect server down or failing, a disk full); 130 after Ctrl-C; 143 after
+SIGTERM. Every error ends with one `featuresum: error: ...` line on stderr, no traceback.
+"""
+
+import errno
 import json
+import logging
+import os
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from enum import Enum, StrEnum
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from featuresum.flows import runtime
+from featuresum.flows.presets import PRESETS
+from featuresum.tasks.errors import EnvironmentFailure, InputError
 
-app = typer.Typer(
-    help="Synthetic feature-sum classifier: generate data, train, and score, as Prefect flows.\n\n"
+LOCAL_SERVER_HELP = (
     "Runs are recorded by the Prefect API in PREFECT_API_URL or, when none is set, by a local "
-    "Prefect server (127.0.0.1, database under PREFECT_HOME) that is started on first use and "
-    "reused; its UI shows every run.",
+    "Prefect server (127.0.0.1, database under PREFECT_HOME) that the first command starts and "
+    "later commands reuse; its UI shows every run. It keeps running after the command ends: "
+    "`featuresum server status` shows it, `featuresum server stop` stops it."
+)
+app = typer.Typer(
+    help=f"Synthetic feature-sum classifier: generate data, train, and score, as Prefect flows.\n\n{LOCAL_SERVER_HELP}",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# errno values of file problems the user fixes (a path, a permission, a read-only mount); others are the machine's.
+USER_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EROFS,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+    }
+)
+# How long the Prefect API may refuse connections, or leave them unanswered, before a run gives up on it.
+API_REFUSED_SECONDS = 5.0
+API_SILENT_SECONDS = 60.0
 
 
 class Preset(StrEnum):
@@ -51,10 +85,14 @@ Refresh = Annotated[bool, typer.Option(help="Recompute every step instead of reu
 PresetOpt = Annotated[Preset, typer.Option(help="Sizes and settings: default (about a minute) or full.")]
 TrainSamples = Annotated[int | None, typer.Option(min=1, help="Training rows. (preset)")]
 HoldoutSamples = Annotated[int | None, typer.Option(min=1, help="Held-out rows, from a different seed. (preset)")]
+ScoreSamples = Annotated[int | None, typer.Option(min=0, help="Rows in the batch to score. (preset)")]
 Epochs = Annotated[int | None, typer.Option(min=1, help="Training epochs. (preset)")]
 BatchSize = Annotated[int | None, typer.Option(min=1, help="Training batch size. (preset)")]
 Lr = Annotated[float | None, typer.Option(min=1e-9, help="Peak learning rate of AdamW. (preset)")]
 WeightDecay = Annotated[float | None, typer.Option(min=0.0, help="AdamW weight decay. (preset)")]
+ScheduleOpt = Annotated[
+    ScheduleChoice | None, typer.Option(help="Learning-rate schedule: onecycle, or constant. (preset)")
+]
 RunnerOpt = Annotated[
     RunnerChoice,
     typer.Option(help="Where scoring shards run: threads in this process (default), or a Dask cluster."),
@@ -66,22 +104,30 @@ DaskAddress = Annotated[
 DaskWorkers = Annotated[
     int | None, typer.Option(min=1, help="Worker processes of the LocalCluster (default: one per core).")
 ]
-ShardRows = Annotated[int, typer.Option(min=1, help="Rows per scoring shard; each shard is one task run.")]
-ScheduleOpt = Annotated[
-    ScheduleChoice | None, typer.Option(help="Learning-rate schedule: onecycle, or constant. (preset)")
-]
+ShardRows = Annotated[int | None, typer.Option(min=1, help="Rows per scoring shard; each shard is one task run.")]
 
 
-def _flow_parameters(preset: Preset, **options: Any) -> dict[str, Any]:
+def flow_parameters(preset: Preset, **options: Any) -> dict[str, Any]:
     """Flow parameters: a preset's values, overridden by every option the user gave."""
-    from featuresum.flows.pipeline import PRESETS
 
     def plain(value: Any) -> Any:
         return value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
 
-    values = dict(PRESETS[preset.value])
+    values = PRESETS[preset.value].values()
     values.update({key: plain(value) for key, value in options.items() if value is not None})
     return values
+
+
+def prepare_folders(*folders: Path) -> None:
+    """Create the folders a run writes to, so a path that cannot be one fails in a line, before any run."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise EnvironmentFailure(f"disk full: cannot create {folder}") from None
+            reason = "a file is in the way" if isinstance(error, FileExistsError | NotADirectoryError) else None
+            raise InputError(f"{folder}: cannot create this folder ({reason or error.strerror})") from None
 
 
 def _task_runner(runner: RunnerChoice, address: str | None, workers: int | None):
@@ -98,26 +144,124 @@ def _task_runner(runner: RunnerChoice, address: str | None, workers: int | None)
     return DaskTaskRunner(cluster_kwargs=local)
 
 
+def _api_answers(api_url: str) -> str:
+    """'ok', 'refused' (nothing listens) or 'silent' (no answer in time) for the API's health check."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
+            return "ok" if response.status == 200 else "silent"
+    except urllib.error.URLError as error:
+        return "refused" if isinstance(error.reason, ConnectionRefusedError) else "silent"
+    except OSError:
+        return "silent"
+
+
+def _watch_api(api_url: str) -> None:
+    """End this process with one line when the Prefect API goes away mid-run, instead of retrying for minutes.
+
+    Whatever finished stays on disk (training keeps its last finished epoch), so the same command
+    run again resumes; with no PREFECT_API_URL it starts a new local server first.
+    """
+
+    def watch() -> None:
+        last_ok = time.monotonic()
+        while True:
+            time.sleep(1.0)
+            answer = _api_answers(api_url)
+            if answer == "ok":
+                last_ok = time.monotonic()
+                continue
+            waited = time.monotonic() - last_ok
+            if waited > (API_REFUSED_SECONDS if answer == "refused" else API_SILENT_SECONDS):
+                print(
+                    f"featuresum: error: the Prefect API at {api_url} stopped answering mid-run; "
+                    "run the same command again to resume from the last finished step",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+    threading.Thread(target=watch, name="featuresum-api-watch", daemon=True).start()
+
+
+class _ConsoleErrors(logging.Formatter):
+    """Prefect's console lines without the tracebacks of errors featuresum explains in one line.
+
+    The tracebacks still reach the API, so the UI shows them.
+    """
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], InputError | EnvironmentFailure | OSError):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def _quiet_console_tracebacks() -> None:
+    for logger in [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _ConsoleErrors):
+                handler.setFormatter(_ConsoleErrors(handler.formatter or logging.Formatter()))
+
+
+def _api_failure(error: Exception, api_url: str) -> Exception:
+    """The one-line error for a failed call to the Prefect API (401 is the user's to fix)."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(error, PrefectHTTPStatusError | httpx.HTTPStatusError):
+        status = error.response.status_code
+        if status == 401:
+            return InputError(f"the Prefect API at {api_url} refused us (401); set PREFECT_API_AUTH_STRING")
+        return EnvironmentFailure(f"the Prefect API at {api_url} answered HTTP {status} {error.response.reason_phrase}")
+    return EnvironmentFailure(f"cannot reach the Prefect API at {api_url} ({type(error).__name__})")
+
+
 def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_runner=None) -> None:
     """Run a flow against the Prefect API, wait until its task runs are recorded, then report."""
+    import httpx
     from prefect import tags
     from prefect.exceptions import PrefectHTTPStatusError
 
     from featuresum.flows import pipeline
-    from featuresum.tasks.errors import InputError
 
     flow = {"run": pipeline.pipeline_flow, "train": pipeline.train_flow, "score": pipeline.score_flow}[flow_name]
+    started: list[str] = []
+    flow = flow.with_options(on_running=[lambda flow, run, state: started.append(str(run.id))])
     if task_runner is not None:
         flow = flow.with_options(task_runner=task_runner)
-    with runtime.prefect_api() as api_url, tags("featuresum", f"cli-{flow_name}", f"seed-{parameters['seed']}"):
+    with runtime.prefect_api() as api_url:
+        if _api_answers(api_url) != "ok":
+            raise EnvironmentFailure(f"the Prefect API at {api_url} does not answer; start it or unset PREFECT_API_URL")
+        _watch_api(api_url)
+        _quiet_console_tracebacks()
         try:
-            summary = flow(**parameters)
-        except PrefectHTTPStatusError as error:
-            if error.response.status_code != 401:
-                raise
-            raise InputError(f"the Prefect API at {api_url} refused us (401); set PREFECT_API_AUTH_STRING") from None
-        summary["task_states"] = runtime.wait_for_task_runs(summary["flow_run_id"], list(summary.pop("task_runs")))
+            with tags("featuresum", f"cli-{flow_name}", f"seed-{parameters['seed']}"):
+                try:
+                    state = flow(**parameters, return_state=True)
+                finally:
+                    # Also after a failure or Ctrl-C: the UI should show every task run in its final state.
+                    for flow_run_id in started:
+                        _wait_for_task_runs(flow_run_id, pipeline.TASK_RUNS.get(flow_run_id, {}))
+            summary = state.result()
+        except (httpx.HTTPError, PrefectHTTPStatusError) as error:
+            raise _api_failure(error, api_url) from None
+        summary["task_states"] = _wait_for_task_runs(summary["flow_run_id"], summary.pop("task_runs"))
     summary["ui"] = f"{api_url.removesuffix('/api')}/runs/flow-run/{summary['flow_run_id']}"
+    _report(summary, as_json)
+
+
+def _wait_for_task_runs(flow_run_id: str, task_runs: dict[str, str]) -> dict[str, str]:
+    """Wait until these task runs are recorded in a final state; a timeout is the environment's failure."""
+    try:
+        return runtime.wait_for_task_runs(flow_run_id, list(task_runs))
+    except TimeoutError as error:
+        raise EnvironmentFailure(f"the Prefect API did not record every task run: {error}") from None
+
+
+def _report(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))
         return
@@ -130,12 +274,29 @@ def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_run
         print(f"{state:>12}: {name}")
 
 
-@app.command()
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"featuresum {version('featuresum')} (prefect {version('prefect')}, torch {version('torch')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command(
+    help=f"Run the whole pipeline: generate data, train and checkpoint, score a new batch.\n\n{LOCAL_SERVER_HELP}"
+)
 def run(
     preset: PresetOpt = Preset.default,
     train_samples: TrainSamples = None,
     holdout_samples: HoldoutSamples = None,
-    score_samples: Annotated[int | None, typer.Option(min=0, help="Rows in the batch to score. (preset)")] = None,
+    score_samples: ScoreSamples = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     lr: Lr = None,
@@ -152,28 +313,14 @@ def run(
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Run the whole pipeline: generate data, train and checkpoint, score a new batch."""
-    parameters = _flow_parameters(
-        preset,
-        train_samples=train_samples,
-        holdout_samples=holdout_samples,
-        score_samples=score_samples,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        seed=seed,
-        data_dir=data_dir,
-        artifacts_dir=artifacts_dir,
-        device=device,
-        shard_rows=shard_rows,
-        refresh=refresh,
-    )
-    _execute("run", parameters, json_output, _task_runner(runner, dask_address, dask_workers))
+    options = dict(locals())
+    task_runner = _task_runner(options.pop("runner"), options.pop("dask_address"), options.pop("dask_workers"))
+    as_json = options.pop("json_output")
+    prepare_folders(data_dir, artifacts_dir)
+    _execute("run", flow_parameters(options.pop("preset"), **options), as_json, task_runner)
 
 
-@app.command()
+@app.command(help=f"Generate data, train and checkpoint the model, report held-out accuracy.\n\n{LOCAL_SERVER_HELP}")
 def train(
     preset: PresetOpt = Preset.default,
     train_samples: TrainSamples = None,
@@ -190,27 +337,17 @@ def train(
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Generate training and held-out data, train and checkpoint the model, report held-out accuracy."""
-    parameters = _flow_parameters(
-        preset,
-        train_samples=train_samples,
-        holdout_samples=holdout_samples,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        seed=seed,
-        data_dir=data_dir,
-        artifacts_dir=artifacts_dir,
-        device=device,
-        refresh=refresh,
-    )
+    options = dict(locals())
+    as_json = options.pop("json_output")
+    prepare_folders(data_dir, artifacts_dir)
+    parameters = flow_parameters(options.pop("preset"), **options)
     parameters.pop("score_samples")
-    _execute("train", parameters, json_output)
+    _execute("train", parameters, as_json)
 
 
-@app.command()
+@app.command(
+    help=f"Score a Parquet file (--input) or a fresh batch (--samples) with a checkpoint.\n\n{LOCAL_SERVER_HELP}"
+)
 def score(
     model: Annotated[Path, typer.Option(help="Checkpoint written by `featuresum train` or `run`.")],
     input: Annotated[Path | None, typer.Option(help="Parquet file of feature rows to score.")] = None,
@@ -227,16 +364,22 @@ def score(
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Score a Parquet file (--input) or a freshly generated batch (--samples) with a checkpoint."""
     from featuresum.tasks import storage
+    from featuresum.tasks.checkpoint import load_checkpoint
 
     if (input is None) == (samples is None):
         raise typer.BadParameter("give exactly one of --input PARQUET or --samples N")
-    # User files are checked before any run starts, so a bad file costs one clear line, not a failed run.
-    storage.load_checkpoint(model)
+    for given in filter(None, (input, model)):
+        if output is not None and output.resolve() == given.resolve():
+            raise typer.BadParameter(
+                f"{output} is also an input of this run; choose another file", param_hint="--output"
+            )
+    # The checkpoint and the input's schema are checked before any run starts, so a bad file costs
+    # one clear line; the input's values are checked while it is scored (one read of a big file).
+    load_checkpoint(model)
     if input is not None:
-        for _ in storage.iter_feature_batches(input):
-            pass
+        storage.open_features(input)
+    prepare_folders(data_dir, artifacts_dir, *([output.parent] if output else []))
     parameters = {
         "model": str(model),
         "input": str(input) if input else None,
@@ -253,21 +396,76 @@ def score(
     _execute("score", parameters, json_output, _task_runner(runner, dask_address, dask_workers))
 
 
-def main() -> None:
-    """Entry point: user errors end with one line on stderr and exit code 2, not a traceback."""
-    from featuresum.tasks.errors import InputError
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="When to run, as a cron string (minute hour day month weekday).")] = (
+        "0 3 * * *"
+    ),
+    timezone: Annotated[str, typer.Option(help="IANA timezone the cron string is read in.")] = "UTC",
+    name: Annotated[str, typer.Option(help="Deployment name: featuresum-pipeline/<name>.")] = "scheduled-retraining",
+    preset: PresetOpt = Preset.default,
+    train_samples: TrainSamples = None,
+    holdout_samples: HoldoutSamples = None,
+    score_samples: ScoreSamples = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    weight_decay: WeightDecay = None,
+    schedule: ScheduleOpt = None,
+    seed: Seed = 0,
+    data_dir: DataDir = Path("data"),
+    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    device: DeviceOpt = DeviceChoice.auto,
+    shard_rows: ShardRows = None,
+    refresh: Refresh = False,
+) -> None:
+    """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
+    from featuresum.flows.serve import cron_schedule, serve_pipeline
 
+    options = dict(locals())
+    del options["cron"], options["timezone"], options["name"]
+    when = cron_schedule(cron, timezone)
+    # Absolute folders: runs execute in subprocesses and may be triggered from anywhere.
+    options.update(data_dir=data_dir.resolve(), artifacts_dir=artifacts_dir.resolve())
+    prepare_folders(options["data_dir"], options["artifacts_dir"])
+    serve_pipeline(name, when, flow_parameters(options.pop("preset"), **options))
+
+
+def _exit_code(error: BaseException) -> tuple[int, str | None]:
+    """Exit code and one-line message for an error that ends a command; (0, None) for anything else."""
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(error, typer.Abort | KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(error, TerminationSignal):
+        return 128 + error.signal, "terminated"
+    if isinstance(error, typer.TyperException):
+        return 2, error.format_message()
+    if isinstance(error, InputError):
+        return 2, str(error)
+    if isinstance(error, (EnvironmentFailure, *runtime_errors())):
+        return 1, str(error)
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return (2 if error.errno in USER_ERRNOS else 1), f"{where}{error.strerror or error}"
+    return 0, None
+
+
+def runtime_errors() -> tuple[type[Exception], ...]:
+    server_error = getattr(runtime, "ServerError", None)
+    return (server_error,) if server_error else ()
+
+
+def main() -> None:
+    """Entry point: errors end with one line on stderr and the exit code of their kind, not a traceback."""
     runtime.quiet_defaults()
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="featuresum", standalone_mode=False)
-    except typer.Abort:
-        sys.exit(130)
-    except (typer.TyperException, InputError) as error:
-        message = error.format_message() if isinstance(error, typer.TyperException) else str(error)
+    except BaseException as error:  # mapped to an exit code below, or re-raised
+        code, message = _exit_code(error)
+        if not code:
+            raise
         print(f"featuresum: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(code)
     sys.exit(code if isinstance(code, int) else 0)
-
-
-import featuresum.flows.serve  # noqa: E402, F401  (registers `featuresum serve`; it reuses the options above)

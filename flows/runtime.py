@@ -5,11 +5,18 @@ task runs that are still in flight as events when the process exits. Instead, wi
 configured, the CLI starts `prefect server start` on 127.0.0.1 with its SQLite database under
 PREFECT_HOME, leaves it running for later commands and for the UI, and before exiting waits until
 every task run of its flow run is recorded in a final state.
+
+One PREFECT_HOME has at most one such server. Its record ($PREFECT_HOME/featuresum-server.json)
+names the process by pid and start time, so a reused pid or another program on the recorded port
+is never taken for it. The server leads a process group of its own, together with the process that
+copies its output into a size-capped rotating log; stopping it ends that whole group. Process
+identity and group membership are read from /proc, so this module needs Linux.
 """
 
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,11 +25,34 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
+from typing import BinaryIO
 
 DEFAULT_PORT = 4200
 SERVER_STATE = "featuresum-server.json"
 SERVER_LOG = "featuresum-server.log"
+SERVER_LOCK = "featuresum-server.lock"
+# The server logs warnings and errors only (one start-up banner, then a few lines per problem), so 5 MiB
+# holds weeks of a healthy server and the whole story of a failing one, while the log plus two backups
+# never take more than 15 MiB of PREFECT_HOME however long the server runs.
+LOG_MAX_BYTES = 5 * 1024 * 1024
+LOG_BACKUPS = 2
+# A line without a newline (a binary dump, a runaway progress bar) is cut into pieces of this size.
+LOG_LINE_LIMIT = 64 * 1024
+# Another program may take the port between our probe and the server's bind; then we try another port.
+START_ATTEMPTS = 3
+# How long processes that ignored SIGTERM and got SIGKILL may take to disappear.
+KILL_WAIT = 10.0
+
+# Run in the new process group's leader: start the log copier, then become the server.
+_LAUNCH = "import sys; from featuresum.flows.runtime import exec_with_log_copier; exec_with_log_copier(*sys.argv[1:])"
+_COPY = "import sys; from featuresum.flows.runtime import run_log_copier; run_log_copier(sys.argv[1])"
+
+
+class ServerError(RuntimeError):
+    """The local Prefect server could not be started, reached or stopped; the message is one line."""
 
 
 def quiet_defaults() -> None:
@@ -54,6 +84,221 @@ def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+# Processes, as /proc describes them.
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 and on of /proc/<pid>/stat (state, ppid, pgrp, ...), or None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone, possibly while we read
+        return None
+    # The command name (field 2) is in parentheses and may itself contain spaces and parentheses.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When the process `pid` started, in clock ticks since boot; None if it is gone or a zombie."""
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """The processes of process group `pgid` that are still running (zombies excluded)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def stop_process_group(pgid: int, timeout: float = 30.0) -> None:
+    """SIGTERM process group `pgid`, SIGKILL it after `timeout` seconds, and return once it is gone."""
+
+    def gone_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while process_group_members(pgid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    with suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+        # A stopped process (SIGSTOP, ^Z) acts on SIGTERM only once continued.
+        os.killpg(pgid, signal.SIGCONT)
+    if not gone_within(timeout):
+        with suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        if not gone_within(KILL_WAIT):
+            raise ServerError(f"process group {pgid} is still running {KILL_WAIT:g}s after SIGKILL")
+    # Collect the leader's exit status if we started it, so no zombie of it lingers in this process.
+    with suppress(ChildProcessError):
+        os.waitpid(pgid, os.WNOHANG)
+
+
+def _holds_listening_port(pid: int, port: int) -> bool:
+    """Whether process `pid` owns a TCP socket listening on `port`."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(FileNotFoundError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except (FileNotFoundError, PermissionError):
+        return False
+    for descriptor in descriptors:
+        with suppress(OSError):
+            if os.readlink(descriptor) in inodes:
+                return True
+    return False
+
+
+# The rotating log.
+
+
+def _rotate(path: Path, backups: int) -> None:
+    """Shift `path` to `path`.1, .1 to .2 and so on, dropping the oldest beyond `backups`."""
+    if backups < 1:
+        path.unlink(missing_ok=True)
+        return
+    for index in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+
+
+def copy_to_rotating_log(
+    stream: BinaryIO, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS
+) -> None:
+    """Append `stream` to `path` line by line until it ends, starting a new file before one would pass `max_bytes`."""
+    out = path.open("ab")
+    size = out.tell()
+    try:
+        while line := stream.readline(LOG_LINE_LIMIT):
+            if size and size + len(line) > max_bytes:
+                out.close()
+                _rotate(path, backups)
+                out = path.open("ab")
+                size = 0
+            out.write(line)
+            # Line by line, so the log is readable while the server runs and complete when it dies.
+            out.flush()
+            size += len(line)
+    finally:
+        out.close()
+
+
+def run_log_copier(log: str) -> None:
+    """Copy standard input into the rotating log `log` until the writer closes it."""
+    # SIGTERM goes to the whole group; the copier stays to record the server's last words and leaves at
+    # end of input, which comes when the server has exited.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    copy_to_rotating_log(sys.stdin.buffer, Path(log))
+
+
+def exec_with_log_copier(log: str, *command: str) -> None:
+    """Start the log copier as a child, then replace this process by `command` writing into it."""
+    read_end, write_end = os.pipe()
+    # The child stays in this process group; its own errors go to our stderr, which is the log file.
+    subprocess.Popen([sys.executable, "-c", _COPY, log], stdin=read_end, stdout=subprocess.DEVNULL)
+    os.close(read_end)
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    os.execv(command[0], list(command))
+
+
+def spawn_logged(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `command` leading a new process group, its output copied into the rotating log `log`."""
+    with log.open("ab") as early:  # for anything said before the copier runs
+        return subprocess.Popen(
+            [sys.executable, "-c", _LAUNCH, str(log), *command],
+            stdin=subprocess.DEVNULL,
+            stdout=early,
+            stderr=early,
+            env=env,
+            start_new_session=True,
+        )
+
+
+# The local server.
+
+
+def _read_state(home: Path) -> dict:
+    try:
+        state = json.loads((home / SERVER_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _write_state(home: Path, state: dict) -> None:
+    partial = home / f"{SERVER_STATE}.partial"
+    partial.write_text(json.dumps(state, indent=2))
+    os.replace(partial, home / SERVER_STATE)
+
+
+@contextmanager
+def _server_lock(home: Path) -> Iterator[None]:
+    """Serialize starting and stopping the server of `home` across processes."""
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / SERVER_LOCK).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _port_of(api_url: str) -> int:
+    return int(api_url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def _recorded_server(home: Path) -> dict | None:
+    """The recorded server's state when its process still runs: same pid, same start time."""
+    state = _read_state(home)
+    pid, url = state.get("pid"), state.get("api_url")
+    if not isinstance(pid, int) or not isinstance(url, str):
+        return None
+    ticks = process_start_ticks(pid)
+    if ticks is None:
+        return None
+    if "start_ticks" in state:
+        return state if state["start_ticks"] == ticks else None
+    # Recorded by an earlier version, without a start time: ours only if it listens on the recorded port.
+    return {**state, "start_ticks": ticks} if _holds_listening_port(pid, _port_of(url)) else None
+
+
+def _is_running(state: dict) -> bool:
+    ticks = process_start_ticks(state["pid"])
+    return ticks is not None and ticks == state["start_ticks"]
+
+
+def _is_serving(state: dict) -> bool:
+    """Whether the recorded process itself listens on its URL and answers the health check there."""
+    return _holds_listening_port(state["pid"], _port_of(state["api_url"])) and is_healthy(state["api_url"])
+
+
+def _wait_until_serving(state: dict, timeout: float) -> bool:
+    """Wait for the recorded server to answer; False when its process ends or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while _is_running(state):
+        if _is_serving(state):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return False
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket() as probe:
         try:
@@ -71,76 +316,136 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _read_state(home: Path) -> dict:
+def _database(env: dict[str, str], home: Path) -> str:
+    """The server's database as it will use it: the configured URL (password hidden) or the SQLite file."""
+    url = env.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url) if url else str(home / "prefect.db")
+
+
+def _last_error_line(log: Path) -> str:
+    """The last line of `log` that mentions an error, shortened, to put in a one-line message."""
     try:
-        return json.loads((home / SERVER_STATE).read_text())
-    except (OSError, ValueError):
-        return {}
+        with log.open("rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - 65536))
+            lines = file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line.strip() for line in lines if "error" in line.lower()]
+    return errors[-1][:200] if errors else ""
 
 
-def local_server_url(home: Path) -> str | None:
-    """URL of the local server recorded under `home`, if it is up."""
-    url = _read_state(home).get("api_url")
-    return url if url and is_healthy(url) else None
+def _spawn_server(home: Path, port: int) -> tuple[dict, subprocess.Popen]:
+    """Start `prefect server start` on `port` and return its state record and process."""
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # The UI must call this server's API, not the default port's.
+    env["PREFECT_UI_API_URL"] = url
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PREFECT_API_URL", None)
+    log = home / SERVER_LOG
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    process = spawn_logged(command, log, env)
+    state = {
+        "api_url": url,
+        "pid": process.pid,
+        "start_ticks": process_start_ticks(process.pid),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "database": _database(env, home),
+        "prefect_version": version("prefect"),
+        "log": str(log),
+    }
+    return state, process
+
+
+def _discard(home: Path, pid: int) -> None:
+    """End a server that did not start, and forget it."""
+    stop_process_group(pid, timeout=10.0)
+    (home / SERVER_STATE).unlink(missing_ok=True)
+
+
+def _start_server(home: Path, timeout: float) -> str | None:
+    """Start a server and wait until it answers; None if another program took its port first."""
+    port = _free_port()
+    state, process = _spawn_server(home, port)
+    _write_state(home, state)
+    print(f"Starting a local Prefect server at http://127.0.0.1:{port} (log: {state['log']})", file=sys.stderr)
+    try:
+        if _wait_until_serving(state, timeout):
+            return state["api_url"]
+    except BaseException:  # interrupted: leave no half-started server behind
+        _discard(home, process.pid)
+        raise
+    exit_code = process.poll()
+    _discard(home, process.pid)
+    if exit_code is not None and not _port_is_free(port):
+        return None
+    reason = f"exited with code {exit_code}" if exit_code is not None else f"did not answer within {timeout:g}s"
+    detail = _last_error_line(home / SERVER_LOG)
+    raise ServerError(f"the local Prefect server {reason}{f' ({detail})' if detail else ''}; see {state['log']}")
 
 
 def ensure_local_server(home: Path, timeout: float = 180.0) -> str:
-    """Start (or reuse) a Prefect server bound to 127.0.0.1 with its database under `home`."""
-    home.mkdir(parents=True, exist_ok=True)
-    # The lock stops concurrent commands from starting one server each.
-    with (home / "featuresum-server.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if url := local_server_url(home):
-            return url
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}/api"
-        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        # The UI must call this server's API, not the default port's.
-        env["PREFECT_UI_API_URL"] = url
-        env.pop("PREFECT_API_URL", None)
-        with (home / SERVER_LOG).open("ab") as log:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        print(
-            f"Starting a local Prefect server at {url.removesuffix('/api')} (log: {home / SERVER_LOG})", file=sys.stderr
-        )
-        deadline = time.monotonic() + timeout
-        while not is_healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"the local Prefect server did not start; see {home / SERVER_LOG}")
-            time.sleep(0.5)
-        (home / SERVER_STATE).write_text(json.dumps({"api_url": url, "pid": server.pid}))
-        return url
+    """Start (or reuse) a Prefect server bound to 127.0.0.1 with its database under `home`; returns its API URL.
+
+    A recorded server that still runs but does not answer yet (starting, or busy) is waited for up to
+    `timeout` seconds, never replaced: two servers must not share one database. Raises ServerError
+    when a server cannot be started or the recorded one does not answer in time.
+    """
+    with _server_lock(home):
+        if state := _recorded_server(home):
+            if _is_serving(state):
+                return state["api_url"]
+            pid, url = state["pid"], state["api_url"]
+            print(f"Waiting for the local Prefect server (pid {pid}) to answer at {url}", file=sys.stderr)
+            if _wait_until_serving(state, timeout):
+                return url
+            if _is_running(state):
+                raise ServerError(
+                    f"the local Prefect server (pid {pid}) did not answer at {url} within {timeout:g}s; "
+                    f"see {state.get('log', home / SERVER_LOG)}, or stop it: featuresum server stop"
+                )
+        for _ in range(START_ATTEMPTS):
+            if url := _start_server(home, timeout):
+                return url
+        raise ServerError(f"other programs took every port the local Prefect server tried; see {home / SERVER_LOG}")
+
+
+def local_server_url(home: Path) -> str | None:
+    """URL of the local server recorded under `home`, if it runs and answers."""
+    state = _recorded_server(home)
+    return state["api_url"] if state and _is_serving(state) else None
+
+
+def server_status(home: Path) -> dict | None:
+    """The local server recorded under `home` (URL, pid, database, version, uptime, log), or None if none runs."""
+    state = _recorded_server(home)
+    if state is None:
+        return None
+    # Both in seconds since boot, so changes of the wall clock do not matter.
+    started = state["start_ticks"] / os.sysconf("SC_CLK_TCK")
+    now = float(Path("/proc/uptime").read_text().split()[0])
+    return {
+        "url": state["api_url"].removesuffix("/api"),
+        "api_url": state["api_url"],
+        "pid": state["pid"],
+        "healthy": _is_serving(state),
+        "database": state.get("database", str(home / "prefect.db")),
+        "prefect_version": state.get("prefect_version"),
+        "started_at": state.get("started_at"),
+        "uptime_seconds": round(max(0.0, now - started), 1),
+        "log": state.get("log", str(home / SERVER_LOG)),
+    }
 
 
 def stop_local_server(home: Path, timeout: float = 30.0) -> bool:
-    """Stop the local server recorded under `home`; returns whether one was running."""
-    state = _read_state(home)
-    (home / SERVER_STATE).unlink(missing_ok=True)
-    pid = state.get("pid")
-    if not pid:
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    with suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    return True
+    """Stop the local server recorded under `home` and every process of its group; returns whether one ran."""
+    with _server_lock(home):
+        state = _recorded_server(home)
+        (home / SERVER_STATE).unlink(missing_ok=True)
+        if state is None:
+            return False
+        stop_process_group(state["pid"], timeout)
+        return True
 
 
 @contextmanager

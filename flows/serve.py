@@ -6,38 +6,15 @@ scheduled or manually triggered run in a subprocess of its own. It needs a real 
 other commands start and reuse.
 """
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from featuresum.flows import runtime
-from featuresum.flows.cli import (
-    ArtifactsDir,
-    BatchSize,
-    DataDir,
-    DeviceChoice,
-    DeviceOpt,
-    Epochs,
-    HoldoutSamples,
-    Lr,
-    Preset,
-    PresetOpt,
-    Refresh,
-    ScheduleOpt,
-    Seed,
-    ShardRows,
-    TrainSamples,
-    WeightDecay,
-    _flow_parameters,
-    app,
-)
 
 if TYPE_CHECKING:
     from prefect.schedules import Schedule
 
-DEFAULT_DEPLOYMENT = "scheduled-retraining"
-DEFAULT_CRON = "0 3 * * *"
 # At most one run of the deployment at a time: a run that comes due while another is still
 # training waits for it instead of competing for the same cores and files.
 RUN_LIMIT = 1
@@ -74,49 +51,3 @@ def serve_pipeline(name: str, schedule: "Schedule", parameters: dict[str, Any]) 
             # The installed module, not a file path relative to wherever serve was started.
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
-
-
-@app.command()
-def serve(
-    cron: Annotated[str, typer.Option(help="When to run, as a cron string (minute hour day month weekday).")] = (
-        DEFAULT_CRON
-    ),
-    timezone: Annotated[str, typer.Option(help="IANA timezone the cron string is read in.")] = "UTC",
-    name: Annotated[str, typer.Option(help="Deployment name: featuresum-pipeline/<name>.")] = DEFAULT_DEPLOYMENT,
-    preset: PresetOpt = Preset.default,
-    train_samples: TrainSamples = None,
-    holdout_samples: HoldoutSamples = None,
-    score_samples: Annotated[int | None, typer.Option(min=0, help="Rows in the batch to score. (preset)")] = None,
-    epochs: Epochs = None,
-    batch_size: BatchSize = None,
-    lr: Lr = None,
-    weight_decay: WeightDecay = None,
-    schedule: ScheduleOpt = None,
-    seed: Seed = 0,
-    data_dir: DataDir = Path("data"),
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
-    device: DeviceOpt = DeviceChoice.auto,
-    shard_rows: ShardRows = None,
-    refresh: Refresh = False,
-) -> None:
-    """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
-    when = cron_schedule(cron, timezone)
-    parameters = _flow_parameters(
-        preset,
-        train_samples=train_samples,
-        holdout_samples=holdout_samples,
-        score_samples=score_samples,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        seed=seed,
-        # Absolute folders: runs execute in subprocesses and may be triggered from anywhere.
-        data_dir=data_dir.resolve(),
-        artifacts_dir=artifacts_dir.resolve(),
-        device=device,
-        shard_rows=shard_rows,
-        refresh=refresh,
-    )
-    serve_pipeline(name, when, parameters)

@@ -1,8 +1,12 @@
 """Prefect tasks: thin wrappers that add retries, caching, logging and artifacts to the plain code.
 
-Every task returns a small JSON manifest (path, fingerprint, metadata), never data or models.
+Every task returns a small JSON manifest (path, cache key, fingerprint, metadata), never data or
+models. A task that writes a file holds a lock on it while it works and, once it holds the lock,
+returns the file's manifest unchanged if an identical run already wrote it.
 """
 
+import errno
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +19,13 @@ from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
 from featuresum.tasks import data, reports, scoring, storage, training
+from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from featuresum.tasks.errors import InputError
 
 
 @dataclass(frozen=True)
 class RetrySettings:
-    """How tasks that touch files retry transient failures (OSError): count, backoff, jitter."""
+    """How tasks that touch files retry transient failures: count, backoff, jitter."""
 
     retries: int = 3
     backoff_seconds: float = 1.0
@@ -28,17 +33,56 @@ class RetrySettings:
 
 
 FILE_RETRIES = RetrySettings()
+# Failures that can heal by themselves: a flaky disk or network filesystem, a busy or reset peer.
+# A missing file, a permission, a read-only or full disk does not heal by waiting, so it fails at once.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EINTR,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.EPIPE,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.ESTALE,
+    }
+)
+# Parameters that do not shape a task's output (the shards of write_predictions are a function of its spec).
+UNKEYED = frozenset({"shards"})
+
+
+def is_transient_error(error: BaseException | None) -> bool:
+    """Whether retrying can fix this failure: EIO, EAGAIN, timeouts, connection resets and the like."""
+    if isinstance(error, InputError):
+        return False
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
 
 
 def is_transient(task: Task, task_run: Any, state: State) -> bool:
-    """Retry OS-level failures; bad input, bad options and bad checkpoints fail at once."""
-    error = state.data
-    return isinstance(error, OSError) and not isinstance(error, InputError)
+    """Retry condition of the file tasks: only failures that can heal are retried."""
+    return is_transient_error(state.data if isinstance(state.data, BaseException) else None)
+
+
+def task_key(name: str, parameters: dict[str, Any]) -> str:
+    """Cache key of a run of task `name`: every parameter that shapes its output, and the code version."""
+    return storage.spec_key({"task": name, **{k: v for k, v in parameters.items() if k not in UNKEYED}})
 
 
 def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Key from the task name, every parameter (input fingerprints included) and the code version."""
-    return storage.spec_key({"task": context.task.name, **parameters})
+    """Prefect's cache key of a file task: the same key its output's manifest records."""
+    return task_key(context.task.name, parameters)
+
+
+def _own_key() -> str:
+    context = TaskRunContext.get()
+    return cache_key(context, context.parameters)
 
 
 def file_task(**options: Any):
@@ -55,26 +99,52 @@ def file_task(**options: Any):
     )
 
 
+def _reuse(path: Path, key: str) -> dict[str, Any] | None:
+    """The manifest of `path` when an identical run already wrote it (call while holding its lock)."""
+    manifest = storage.read_manifest(path, key)
+    if manifest is not None:
+        get_run_logger().info("Reusing %s, written by an identical run", path)
+    return manifest
+
+
 @file_task(task_run_name="generate-{stream}-{rows}rows-seed{seed}")
 def generate_dataset(stream: str, rows: int, seed: int, path: str) -> dict[str, Any]:
     """Generate a labelled synthetic dataset and write it to Parquet."""
-    logger = get_run_logger()
-    logger.info("Generating %d %s rows (seed %d) into %s", rows, stream, seed, path)
-    shards = map(storage.shard_to_batch, data.generate_dataset(seed, stream, rows))
-    written = storage.write_parquet(Path(path), storage.DATASET_SCHEMA, shards)
-    # The file is a pure function of its specification, which its name already hashes.
-    spec = {"stream": stream, "rows": rows, "seed": seed, "code": storage.code_version()}
-    return storage.write_manifest(Path(path), content_key=storage.spec_key(spec), rows=written)
+    target, key = Path(path), _own_key()
+    with storage.exclusive(target):
+        if done := _reuse(target, key):
+            return done
+        get_run_logger().info("Generating %d %s rows (seed %d) into %s", rows, stream, seed, path)
+        shards = map(storage.shard_to_batch, data.generate_dataset(seed, stream, rows))
+        written = storage.write_parquet(target, storage.DATASET_SCHEMA, shards)
+        # The file is a pure function of its specification, which its name already hashes.
+        spec = {"stream": stream, "rows": rows, "seed": seed, "code": storage.code_version()}
+        return storage.write_manifest(target, key, content_key=storage.spec_key(spec), rows=written)
+
+
+def identity_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key of a user's file: its path and identity, so an unchanged file is never hashed twice."""
+    path = Path(parameters["path"])
+    try:
+        current = storage.identity(path)
+    except OSError:
+        current = {"missing": True}
+    return storage.spec_key({"task": context.task.name, "path": str(path), **current})
 
 
 @task(
     task_run_name="fingerprint-{path}",
+    cache_key_fn=identity_key,
+    persist_result=True,
+    result_serializer="json",
     retries=FILE_RETRIES.retries,
     retry_delay_seconds=exponential_backoff(backoff_factor=FILE_RETRIES.backoff_seconds),
     retry_condition_fn=is_transient,
 )
 def fingerprint_input(path: str) -> dict[str, Any]:
-    """Check a user's file and hash its content, so caching follows the content, not the name."""
+    """Hash a user's file, so caching follows its content, not its name; reused while the file is unchanged."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
     return {"path": path, "fingerprint": storage.fingerprint(Path(path))}
 
 
@@ -83,17 +153,24 @@ def train_model(
     train: dict[str, Any], holdout: dict[str, Any], config: dict[str, Any], device: str, path: str
 ) -> dict[str, Any]:
     """Train the classifier, checkpointing every epoch so a killed or retried run resumes."""
+    target, key = Path(path), _own_key()
+    with storage.exclusive(target):
+        return _reuse(target, key) or _train(train, holdout, training.TrainConfig(**config), device, target, key)
+
+
+def _train(
+    train: dict[str, Any], holdout: dict[str, Any], settings: training.TrainConfig, device: str, path: Path, key: str
+) -> dict[str, Any]:
     logger = get_run_logger()
-    settings = training.TrainConfig(**config)
     target = torch.device(device)
     x, y = (t.to(target) for t in storage.read_dataset(Path(train["path"])))
     holdout_data = tuple(t.to(target) for t in storage.read_dataset(Path(holdout["path"])))
     steps = -(-len(x) // settings.batch_size)
     state = training.new_training_state(settings, steps, target)
-    partial = storage.partial_checkpoint_path(Path(path))
+    partial = storage.partial_checkpoint_path(path)
     if partial.exists():
         try:
-            training.restore(storage.load_checkpoint(partial), state)
+            training.restore(load_checkpoint(partial), state)
             logger.info("Resuming from %s after epoch %d", partial, state.epoch)
         except InputError as error:
             logger.warning("Ignoring unusable partial checkpoint: %s", error)
@@ -103,7 +180,7 @@ def train_model(
     provenance = {"data_fingerprint": train["fingerprint"], "holdout_fingerprint": holdout["fingerprint"]}
 
     def on_epoch(state: training.TrainingState) -> None:
-        storage.save_checkpoint(partial, training.to_checkpoint(state, settings, provenance))
+        save_checkpoint(partial, training.to_checkpoint(state, settings, provenance))
         last = state.history[-1]
         logger.info(
             "Epoch %d/%d: train loss %.4f, held-out accuracy %.4f",
@@ -121,12 +198,12 @@ def train_model(
         "val_accuracy": training.accuracy(confusion),
         "holdout_rows": len(holdout_data[0]),
     }
-    checkpoint = training.to_checkpoint(state, settings, {**provenance, "metrics": metrics})
-    storage.save_checkpoint(Path(path), checkpoint)
+    save_checkpoint(path, training.to_checkpoint(state, settings, {**provenance, "metrics": metrics}))
     partial.unlink(missing_ok=True)
-    reports.publish_training(state.history, metrics, confusion, path)
+    reports.publish_training(state.history, metrics, confusion, str(path))
     return storage.write_manifest(
-        Path(path),
+        path,
+        key,
         metrics=metrics,
         start_epoch=start_epoch,
         epochs_completed=state.epoch,
@@ -140,27 +217,54 @@ def score_shard(
     model: dict[str, Any], features: dict[str, Any], row_groups: list[int], index: int, device: str, path: str
 ) -> dict[str, Any]:
     """Score some row groups of a feature file in streamed batches; write their predictions to Parquet."""
-    target = torch.device(device)
-    classifier = training.model_from_checkpoint(storage.load_checkpoint(Path(model["path"])), target)
-    summary = scoring.ScoreSummary()
-    batches = storage.iter_feature_batches(Path(features["path"]), row_groups=row_groups)
-    storage.write_parquet(
-        Path(path), storage.PREDICTIONS_SCHEMA, scoring.score_batches(classifier, batches, target, summary)
-    )
-    get_run_logger().info("Scored %d rows (row groups %s) into %s", summary.rows, row_groups, path)
-    return storage.write_manifest(Path(path), **asdict(summary))
+    target, key = Path(path), _own_key()
+    with storage.exclusive(target):
+        if done := _reuse(target, key):
+            return done
+        where = torch.device(device)
+        classifier = model_from_checkpoint(load_checkpoint(Path(model["path"])), where)
+        summary = scoring.ScoreSummary()
+        batches = storage.iter_feature_batches(Path(features["path"]), row_groups=row_groups)
+        storage.write_parquet(
+            target, storage.PREDICTIONS_SCHEMA, scoring.score_batches(classifier, batches, where, summary)
+        )
+        get_run_logger().info("Scored %d rows (row groups %s) into %s", summary.rows, row_groups, path)
+        return storage.write_manifest(target, key, **asdict(summary))
+
+
+def _remove_parts(shards: list[dict[str, Any]], path: Path) -> None:
+    """Delete the shard files once the predictions file holds them; the folder goes when it is empty."""
+    for shard in shards:
+        part = Path(shard["path"])
+        for leftover in (part, part.with_name(part.name + ".json"), part.with_name(f".{part.name}.lock")):
+            leftover.unlink(missing_ok=True)
+    with suppress(OSError):  # another layout's shards may still be there
+        storage.parts_dir(path).rmdir()
 
 
 @file_task(task_run_name="write-predictions")
-def write_predictions(shards: list[dict[str, Any]], path: str) -> dict[str, Any]:
-    """Concatenate scored shards, in order, into the predictions Parquet file."""
-    summary = scoring.ScoreSummary()
-    for shard in shards:
-        summary.add(shard["rows"], shard["labelled"], shard["correct"], shard["class_counts"])
-    batches = storage.iter_parquet_batches(shard["path"] for shard in shards)
-    rows = storage.write_parquet(Path(path), storage.PREDICTIONS_SCHEMA, batches)
-    get_run_logger().info("Wrote %d predictions to %s (accuracy on labelled rows: %s)", rows, path, summary.accuracy)
-    reports.publish_predictions(summary, path)
-    return storage.write_manifest(
-        Path(path), rows=rows, score_accuracy=summary.accuracy, class_counts=summary.class_counts
-    )
+def write_predictions(
+    model: dict[str, Any], features: dict[str, Any], device: str, shards: list[dict[str, Any]] | None, path: str
+) -> dict[str, Any]:
+    """Concatenate scored shards, in order, into the predictions Parquet file (keyed by what they score)."""
+    target, key = Path(path), _own_key()
+    with storage.exclusive(target):
+        if done := _reuse(target, key):
+            _remove_parts(shards or [], target)
+            return done
+        if shards is None:
+            raise FileNotFoundError(errno.ENOENT, "predictions changed while being reused; run again", path)
+        summary = scoring.ScoreSummary()
+        for shard in shards:
+            summary.add(shard["rows"], shard["labelled"], shard["correct"], shard["class_counts"])
+        batches = storage.iter_parquet_batches(shard["path"] for shard in shards)
+        rows = storage.write_parquet(target, storage.PREDICTIONS_SCHEMA, batches)
+        get_run_logger().info(
+            "Wrote %d predictions to %s (accuracy on labelled rows: %s)", rows, path, summary.accuracy
+        )
+        reports.publish_predictions(summary, path)
+        manifest = storage.write_manifest(
+            target, key, rows=rows, score_accuracy=summary.accuracy, class_counts=summary.class_counts
+        )
+        _remove_parts(shards, target)
+        return manifest

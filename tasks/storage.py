@@ -1,16 +1,17 @@
-"""Every file the pipeline touches: paths, atomic writes, fingerprints, Parquet schemas, checkpoints.
+"""Every file the pipeline touches: paths, atomic writes, fingerprints, manifests and Parquet schemas.
 
 Feature files hold `sample_id` int64, the features `f000`..`f783` as float32 and, optionally,
 `label` int64 in 0..9. Prediction files hold `sample_id` int64, `feature_sum` float64,
 `predicted_class` int64 and `confidence` float32, one row per scored row in input order.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
-import pickle
+import time
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -23,8 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from featuresum.tasks.data import NUM_CLASSES, NUM_FEATURES, Shard
-from featuresum.tasks.errors import InputError
-from featuresum.tasks.training import CHECKPOINT_FORMAT, model_from_checkpoint
+from featuresum.tasks.errors import DiskFull, InputError
 
 FEATURE_COLUMNS = tuple(f"f{i:03d}" for i in range(NUM_FEATURES))
 DATASET_SCHEMA = pa.schema(
@@ -39,6 +39,8 @@ PREDICTIONS_SCHEMA = pa.schema(
     ]
 )
 # Random floats do not compress and dictionary encoding makes them slower and larger.
+# Temporary files older than this whose writer is gone are leftovers of a killed run.
+LEFTOVER_AGE_SECONDS = 3600.0
 PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
@@ -78,15 +80,68 @@ def _fsync(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary name beside `path`; on success it is synced and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    """Yield a temporary name beside `path`; on success it is synced and renamed into place.
+
+    The temporary name carries the writer's pid, so `sweep_leftovers` never removes a live writer's file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise DiskFull(f"disk full: no space left in {path.parent}; free space or use another folder") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftovers(directory: Path, max_age_seconds: float = LEFTOVER_AGE_SECONDS) -> list[Path]:
+    """Delete temporary files that killed runs left in `directory`; returns what was removed.
+
+    A file is removed only when it is older than `max_age_seconds` and the process that wrote it
+    (named in the file name) is gone, so a live run's half-written file is never touched.
+    """
+    removed = []
+    now = time.time()
+    for tmp in directory.rglob(".*.tmp"):
+        writer = tmp.name.rsplit(".", 2)[-2].split("-")[0]
+        try:
+            old = now - tmp.stat().st_mtime > max_age_seconds
+        except FileNotFoundError:
+            continue
+        if old and not (writer.isdigit() and _pid_alive(int(writer))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold a lock on `path` (a lock file beside it) so only one process produces it at a time.
+
+    Two identical runs (a scheduled one and a manual one, say) then never write the same file or
+    its partial checkpoint at once: the second waits, then finds the first's result.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(f".{path.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -96,44 +151,61 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def fingerprint(path: Path) -> str:
-    """BLAKE2b digest of a file's content."""
+    """SHA-256 digest of a file's content (hardware-accelerated on current CPUs: about 1.7 GB/s here)."""
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "blake2b").hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _identity(path: Path) -> dict[str, int]:
+def identity(path: Path) -> dict[str, int]:
+    """What changes whenever a file is rewritten, replaced or touched: size, times and inode."""
     stat = path.stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
 
 
-def write_manifest(path: Path, content_key: str | None = None, **metadata: Any) -> dict[str, Any]:
-    """Record a finished output beside it; returns the manifest (path, fingerprint, metadata).
+def write_manifest(path: Path, key: str, content_key: str | None = None, **metadata: Any) -> dict[str, Any]:
+    """Record a finished output beside it; returns the manifest (path, key, fingerprint, metadata).
 
-    The fingerprint names the content: a content hash by default, or the specification key of
-    an output that is a deterministic function of its specification (saves re-reading it).
+    `key` is the cache key of the task run that produced the file: a cached result is reused only
+    when the manifest on disk carries the same key. The fingerprint names the content: a content
+    hash by default, or the specification key of an output that is a deterministic function of
+    its specification (saves re-reading it).
     """
     manifest = {
         "path": str(path),
+        "key": key,
         "fingerprint": content_key or fingerprint(path),
-        **_identity(path),
+        **identity(path),
         **metadata,
     }
     write_json(_manifest_path(path), manifest)
     return manifest
 
 
-def is_intact(path: Path) -> bool:
-    """Whether `path` is still the very file its manifest recorded: not deleted, truncated or replaced."""
+def read_manifest(path: Path, key: str) -> dict[str, Any] | None:
+    """The manifest of `path` if the file is still the very file that the run with `key` wrote, else None.
+
+    None when the file or its manifest is missing, when the file was truncated, rewritten or
+    replaced since, or when another run (other inputs or settings, same path) wrote it.
+    """
     try:
         manifest = json.loads(_manifest_path(path).read_text())
-        identity = _identity(path)
+        current = identity(path)
     except (OSError, ValueError):
-        return False
-    return all(manifest.get(key) == value for key, value in identity.items())
+        return None
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return None
+    if any(manifest.get(name) != value for name, value in current.items()):
+        return None
+    return manifest
+
+
+def is_intact(path: Path, key: str) -> bool:
+    """Whether `path` is still the very file that the run with cache key `key` wrote."""
+    return read_manifest(path, key) is not None
 
 
 def write_parquet(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
@@ -157,6 +229,8 @@ def shard_to_batch(shard: Shard) -> pa.RecordBatch:
 
 def open_features(path: Path) -> pq.ParquetFile:
     """Open a feature file and check its schema; raises InputError naming the file and the problem."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a Parquet file")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
@@ -165,15 +239,16 @@ def open_features(path: Path) -> pq.ParquetFile:
     except (pa.ArrowException, OSError) as error:
         raise InputError(f"{path}: not a readable Parquet file ({error})") from None
     schema = parquet.schema_arrow
-    feature_like = [name for name in schema.names if name[:1] == "f" and name[1:].isdigit()]
-    missing = [name for name in FEATURE_COLUMNS if name not in schema.names]
+    names = set(schema.names)
+    feature_like = [name for name in names if name[:1] == "f" and name[1:].isdigit()]
+    missing = [name for name in FEATURE_COLUMNS if name not in names]
     if missing or len(feature_like) != NUM_FEATURES:
         raise InputError(
             f"{path}: expected {NUM_FEATURES} feature columns f000..f783, found {len(feature_like)}"
             + (f" (missing {missing[0]})" if missing else "")
         )
     for name in (*FEATURE_COLUMNS, "sample_id", "label"):
-        if name not in schema.names:
+        if name not in names:
             continue
         kind = schema.field(name).type
         numeric = pa.types.is_floating(kind) or pa.types.is_integer(kind)
@@ -231,9 +306,14 @@ def row_group_shards(path: Path, shard_rows: int) -> list[list[int]]:
     return shards
 
 
-def part_path(path: Path, index: int) -> Path:
-    """Where shard `index` of the output `path` is written before the shards are combined."""
-    return path.with_name(f"{path.name}.parts") / f"part-{index:05d}.parquet"
+def parts_dir(path: Path) -> Path:
+    """Where the shards of the output `path` are written before they are combined into it."""
+    return path.with_name(f"{path.name}.parts")
+
+
+def part_path(path: Path, index: int, spec: dict[str, Any]) -> Path:
+    """Shard `index` of the output `path`, named by everything that shapes it (inputs, row groups, code)."""
+    return parts_dir(path) / f"part-{index:05d}-{spec_key(spec)[:16]}.parquet"
 
 
 def iter_parquet_batches(paths: Iterable[str | Path]) -> Iterator[pa.RecordBatch]:
@@ -258,31 +338,3 @@ def read_dataset(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise InputError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}")
     return torch.from_numpy(features), torch.from_numpy(labels)
-
-
-def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
-    """Write a checkpoint atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and validate a featuresum checkpoint without running any code stored in it."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols before refusing a file; our error says it better.
-            warnings.simplefilter("ignore", UserWarning)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise InputError(f"{path}: refused: not a weights-only checkpoint (loading it could run code)") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not a featuresum checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
-    try:
-        model_from_checkpoint(checkpoint, torch.device("cpu"))
-    except (RuntimeError, KeyError, TypeError) as error:
-        raise InputError(f"{path}: the weights do not fit the model ({str(error).splitlines()[0]})") from None
-    return checkpoint

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from featuresum.tasks.checkpoint import CHECKPOINT_FORMAT
 from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES, derive_seed
 from featuresum.tasks.model import FeatureSumMLP, ModelConfig
 
-CHECKPOINT_FORMAT = "featuresum-checkpoint/1"
 SCHEDULES = ("onecycle", "constant")
 
 
@@ -134,13 +134,6 @@ def restore(checkpoint: dict[str, Any], state: TrainingState) -> TrainingState:
     state.epoch = checkpoint["epoch"]
     state.history = list(checkpoint["history"])
     return state
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device) -> FeatureSumMLP:
-    """Rebuild the model from a checkpoint alone, in eval mode."""
-    model = FeatureSumMLP(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
 
 
 def resolve_device(requested: str) -> tuple[str, str | None]:

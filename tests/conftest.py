@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from featuresum.flows import runtime
-from featuresum.tasks import data, storage, training
+from featuresum.tasks import data, training
+from featuresum.tasks.checkpoint import save_checkpoint
 
 runtime.quiet_defaults()
 
@@ -84,5 +85,5 @@ def checkpoint(tmp_path_factory):
     state = training.new_training_state(config, 8, torch.device("cpu"))
     training.fit(state, (x, y), (x[:200], y[:200]), config)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    storage.save_checkpoint(path, training.to_checkpoint(state, config, {"metrics": {}}))
+    save_checkpoint(path, training.to_checkpoint(state, config, {"metrics": {}}))
     return path

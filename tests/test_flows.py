@@ -9,6 +9,7 @@ import torch
 
 from featuresum.flows.pipeline import pipeline_flow, score_flow
 from featuresum.tasks import data, storage
+from featuresum.tasks.checkpoint import load_checkpoint
 
 SMALL = {"train_samples": 3000, "holdout_samples": 800, "score_samples": 600, "epochs": 2, "batch_size": 128}
 
@@ -52,7 +53,7 @@ def test_pipeline_writes_consistent_parquet_outputs(first_run):
 
 
 def test_checkpoint_records_honest_held_out_metrics(first_run):
-    checkpoint = storage.load_checkpoint(storage.Path(first_run["checkpoint"]))
+    checkpoint = load_checkpoint(storage.Path(first_run["checkpoint"]))
     assert checkpoint["epoch"] == SMALL["epochs"] == first_run["epochs_completed"]
     assert first_run["start_epoch"] == 0
     assert checkpoint["metrics"]["val_accuracy"] == first_run["metrics"]["val_accuracy"]

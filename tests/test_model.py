@@ -2,7 +2,8 @@
 
 import torch
 
-from featuresum.tasks import data, storage, training
+from featuresum.tasks import data, training
+from featuresum.tasks.checkpoint import model_from_checkpoint, save_checkpoint
 from featuresum.tasks.model import FeatureSumMLP
 
 
@@ -36,12 +37,12 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_model(tmp_path):
     state, config = small_run(epochs=1)
     training.fit(state, dataset(5, "train", 3000), dataset(5, "holdout", 500), config)
     path = tmp_path / "model.pt"
-    storage.save_checkpoint(path, training.to_checkpoint(state, config, {"data_fingerprint": "abc"}))
+    save_checkpoint(path, training.to_checkpoint(state, config, {"data_fingerprint": "abc"}))
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["model_config"] == {"input_dim": 784, "hidden_dim": 128, "num_classes": 10}
     assert checkpoint["class_boundaries"] == list(data.CLASS_BOUNDARIES)
     assert checkpoint["train_config"]["epochs"] == 1 and checkpoint["data_fingerprint"] == "abc"
-    model = training.model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model = model_from_checkpoint(checkpoint, torch.device("cpu"))
     x = torch.randn(4, 784)
     assert torch.equal(model(x), state.model.eval()(x))
 

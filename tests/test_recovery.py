@@ -15,6 +15,7 @@ from test_flows import SMALL
 
 from featuresum.flows.pipeline import pipeline_flow, score_flow
 from featuresum.tasks import storage
+from featuresum.tasks.checkpoint import load_checkpoint
 
 
 def task_runs(flow_run_id):
@@ -124,7 +125,7 @@ def test_killed_training_resumes_from_its_last_epoch(cli, tmp_path):
     summary = run_json(cli(*args, "--json"))
     assert summary["start_epoch"] == killed_at
     assert summary["epochs_completed"] == 5
-    checkpoint = storage.load_checkpoint(Path(summary["checkpoint"]))
+    checkpoint = load_checkpoint(Path(summary["checkpoint"]))
     assert [h["epoch"] for h in checkpoint["history"]] == [1, 2, 3, 4, 5]
     assert not partials()
 
@@ -153,4 +154,4 @@ def test_concurrent_runs_with_different_seeds_all_succeed(cli, tmp_path):
         scored = pq.read_table(summary["predictions"])
         batch = pq.read_table(summary["score_input"], columns=["sample_id"])
         assert scored.column("sample_id").equals(batch.column("sample_id"))
-        storage.load_checkpoint(Path(summary["checkpoint"]))
+        load_checkpoint(Path(summary["checkpoint"]))

@@ -1,0 +1,44 @@
+"""Named sizes and optimiser settings: the one source of defaults for the flows, the CLI and serve.
+
+Kept free of heavy imports, so `featuresum --help` stays fast.
+"""
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+# Rows per scoring shard (whole row groups); each shard is one task run, in parallel on Dask.
+SHARD_ROWS = 262_144
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and optimiser settings of a run; explicit options override a preset's values."""
+
+    train_samples: int
+    holdout_samples: int
+    score_samples: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    schedule: str
+
+    def values(self) -> dict[str, Any]:
+        """The preset as flow parameters."""
+        return asdict(self)
+
+
+DEFAULT = Preset(
+    train_samples=300_000,
+    holdout_samples=20_000,
+    score_samples=10_000,
+    epochs=4,
+    batch_size=256,
+    lr=0.003,
+    weight_decay=0.1,
+    schedule="onecycle",
+)
+PRESETS: dict[str, Preset] = {
+    "default": DEFAULT,
+    "full": replace(DEFAULT, train_samples=800_000, holdout_samples=100_000, score_samples=100_000, epochs=6),
+}

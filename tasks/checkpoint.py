@@ -1,0 +1,81 @@
+"""The checkpoint format: one self-describing dict, written atomically, loaded without running code.
+
+A checkpoint holds `format`, `model` (state dict), `model_config`, `class_boundaries`,
+`train_config`, `optimizer`, `scheduler`, `rng_state`, `epoch`, `history` and provenance such as
+`metrics`, `data_fingerprint` and `holdout_fingerprint`. It loads with `torch.load(weights_only=True)`.
+"""
+
+import io
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from featuresum.tasks.errors import InputError
+from featuresum.tasks.model import FeatureSumMLP, ModelConfig
+from featuresum.tasks.storage import atomic_path
+
+CHECKPOINT_FORMAT = "featuresum-checkpoint/1"
+# torch.save writes a zip archive; anything else (legacy pickles included) is refused unread.
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write a checkpoint atomically."""
+    # Serialised in memory first: torch reports a failed file write as a RuntimeError without its errno.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device) -> FeatureSumMLP:
+    """Rebuild the model from a checkpoint alone, in eval mode."""
+    model = FeatureSumMLP(ModelConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and validate a featuresum checkpoint without running any code stored in it.
+
+    Whatever bytes `path` holds (nothing, text, random bytes, another zip, a directory), the
+    outcome is the checkpoint or an InputError naming the file and the problem.
+    """
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a checkpoint")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(len(ZIP_MAGIC))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read ({error.strerror})") from None
+    if magic != ZIP_MAGIC:
+        raise InputError(f"{path}: refused: not a featuresum checkpoint (not a PyTorch archive; nothing was loaded)")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing a file; our error says it better.
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused: not a weights-only checkpoint (loading it could run code)") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read ({error.strerror or _first_line(error)})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a featuresum checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    try:
+        model_from_checkpoint(checkpoint, torch.device("cpu"))
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise InputError(f"{path}: the weights do not fit the model ({_first_line(error)})") from None
+    return checkpoint

@@ -301,6 +301,8 @@ def _wait_until_serving(state: dict, timeout: float) -> bool:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket() as probe:
+        # As the server binds: connections of an earlier server in TIME_WAIT do not count, a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -323,14 +325,16 @@ def _database(env: dict[str, str], home: Path) -> str:
 
 
 def _last_error_line(log: Path) -> str:
-    """The last line of `log` that mentions an error, shortened, to put in a one-line message."""
+    """The last exception (or else error) line of `log`, shortened, to put in a one-line message."""
     try:
         with log.open("rb") as file:
             file.seek(max(0, file.seek(0, os.SEEK_END) - 65536))
-            lines = file.read().decode(errors="replace").splitlines()
+            lines = [line.strip() for line in file.read().decode(errors="replace").splitlines()]
     except OSError:
         return ""
-    errors = [line.strip() for line in lines if "error" in line.lower()]
+    # A traceback's last line ("sqlalchemy.exc.OperationalError: ...") says more than a closing "ERROR: ..." line.
+    exceptions = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
+    errors = exceptions or [line for line in lines if "error" in line.lower()]
     return errors[-1][:200] if errors else ""
 
 

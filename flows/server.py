@@ -26,7 +26,7 @@ def _print_status(status: dict, as_json: bool, **extra: object) -> None:
     lines = {
         "url": status["url"],
         "pid": status["pid"],
-        "healthy": "yes" if status["healthy"] else "no (starting, busy or stopped)",
+        "healthy": "yes" if status["healthy"] else "no (starting, busy or suspended)",
         "database": status["database"],
         "prefect": status["prefect_version"],
         "uptime": timedelta(seconds=int(status["uptime_seconds"])),

@@ -1,8 +1,16 @@
-"""The embedded default: every task run of a many-task flow reaches the database before the CLI exits."""
+"""The local-server runtime: every task run reaches the database; process identity, groups and the rotating log."""
 
+import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from featuresum.flows import runtime
@@ -28,3 +36,172 @@ def test_every_task_run_of_a_many_task_flow_is_recorded(cli):
                 "SELECT state_type, count(*) FROM task_run WHERE flow_run_id = ? GROUP BY state_type", (flow_run_id,)
             ).fetchall()
             assert states == [("COMPLETED", 120)]
+
+
+def test_the_rotating_log_caps_each_file_and_keeps_the_newest_lines(tmp_path):
+    lines = [f"line {i:04d}\n".encode() for i in range(1000)]  # 10 bytes each
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb") as writer:
+        writer.write(b"".join(lines))
+    log = tmp_path / "server.log"
+    with os.fdopen(read_end, "rb") as stream:
+        runtime.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
+
+    files = [log.with_name(f"{log.name}.2"), log.with_name(f"{log.name}.1"), log]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["server.log", "server.log.1", "server.log.2"]
+    assert all(path.stat().st_size <= 100 for path in files)
+    kept = b"".join(path.read_bytes() for path in files)
+    assert kept == b"".join(lines[-30:])
+
+
+def test_the_rotating_log_counts_what_an_earlier_server_wrote(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_bytes(b"x" * 95 + b"\n")
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb") as writer:
+        writer.write(b"new line\n")
+    with os.fdopen(read_end, "rb") as stream:
+        runtime.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
+    assert log.read_bytes() == b"new line\n"
+    assert log.with_name("server.log.1").read_bytes() == b"x" * 95 + b"\n"
+
+
+SAYS_BYE_ON_SIGTERM = """
+import signal, sys, time
+def bye(*_):
+    print("last words", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def with_group_killed(process: subprocess.Popen) -> None:
+    """Leave nothing of `process`'s group behind, whatever a test did."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(10)
+
+
+def test_a_logged_command_and_its_log_copier_form_one_process_group(tmp_path):
+    log = tmp_path / "command.log"
+    process = runtime.spawn_logged([sys.executable, "-c", SAYS_BYE_ON_SIGTERM], log, dict(os.environ))
+    try:
+        wait_for(lambda: b"started" in log.read_bytes())
+        members = runtime.process_group_members(process.pid)
+        assert len(members) == 2 and process.pid in members
+        copier = next(pid for pid in members if pid != process.pid)
+        assert b"run_log_copier" in Path(f"/proc/{copier}/cmdline").read_bytes()
+        assert os.getpgid(copier) == process.pid
+    finally:
+        runtime.stop_process_group(process.pid, timeout=20)
+    assert runtime.process_group_members(process.pid) == []
+    # The copier outlived SIGTERM long enough to record what the command said on its way out.
+    assert log.read_bytes() == b"started\nlast words\n"
+
+
+def test_a_process_group_that_ignores_sigterm_is_killed(tmp_path):
+    ignores = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
+    )
+    log = tmp_path / "stubborn.log"
+    process = runtime.spawn_logged([sys.executable, "-c", ignores], log, dict(os.environ))
+    try:
+        wait_for(lambda: b"up" in log.read_bytes())
+        runtime.stop_process_group(process.pid, timeout=1)
+        assert runtime.process_group_members(process.pid) == []
+    finally:
+        with_group_killed(process)
+
+
+@contextmanager
+def answering_health() -> Iterator[str]:
+    """An HTTP server that is not Prefect but answers 200 on /api/health; yields its API URL."""
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def record(home: Path, **state) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / runtime.SERVER_STATE).write_text(json.dumps(state))
+
+
+def test_a_foreign_answer_on_the_recorded_url_is_not_our_server_when_its_pid_is_gone(tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    with answering_health() as url:
+        assert runtime.is_healthy(url)
+        record(tmp_path, api_url=url, pid=finished.pid, start_ticks=1)
+        assert runtime.local_server_url(tmp_path) is None
+        assert runtime.server_status(tmp_path) is None
+        assert runtime.stop_local_server(tmp_path) is False
+    assert not (tmp_path / runtime.SERVER_STATE).exists()
+
+
+def test_a_reused_pid_is_never_taken_for_our_server_nor_stopped(tmp_path):
+    stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        ticks = runtime.process_start_ticks(stranger.pid)
+        assert ticks is not None
+        with answering_health() as url:
+            record(tmp_path, api_url=url, pid=stranger.pid, start_ticks=ticks - 1)
+            assert runtime.server_status(tmp_path) is None
+            assert runtime.local_server_url(tmp_path) is None
+            assert runtime.stop_local_server(tmp_path) is False
+        assert stranger.poll() is None
+        assert runtime.process_start_ticks(stranger.pid) == ticks
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_our_running_process_is_not_serving_while_another_program_holds_its_port(tmp_path):
+    ours = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        with answering_health() as url:
+            record(tmp_path, api_url=url, pid=ours.pid, start_ticks=runtime.process_start_ticks(ours.pid))
+            status = runtime.server_status(tmp_path)
+            assert status is not None and status["pid"] == ours.pid
+            assert status["healthy"] is False
+            assert runtime.local_server_url(tmp_path) is None
+        assert runtime.stop_local_server(tmp_path) is True
+        assert runtime.process_group_members(ours.pid) == []
+    finally:
+        with_group_killed(ours)
+
+
+def test_a_process_that_exited_counts_as_gone_before_its_parent_collects_it():
+    child = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    try:
+        assert runtime.process_start_ticks(os.getpid()) is not None
+        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+        assert runtime.process_start_ticks(child.pid) is None
+        assert runtime.process_group_members(child.pid) == []
+    finally:
+        child.wait()

@@ -23,6 +23,7 @@ import typer
 
 from featuresum.flows import runtime
 from featuresum.flows.presets import PRESETS
+from featuresum.flows.server import server_app
 from featuresum.tasks.errors import EnvironmentFailure, InputError
 
 LOCAL_SERVER_HELP = (
@@ -219,6 +220,20 @@ def _api_failure(error: Exception, api_url: str) -> Exception:
     return EnvironmentFailure(f"cannot reach the Prefect API at {api_url} ({type(error).__name__})")
 
 
+def _check_api(api_url: str) -> None:
+    """Fail in one line, before any run, when the API is down, failing, or refuses our credentials."""
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    if _api_answers(api_url) != "ok":
+        raise EnvironmentFailure(f"the Prefect API at {api_url} does not answer; start it or unset PREFECT_API_URL")
+    try:
+        with get_client(sync_client=True) as client:
+            client.hello()
+    except httpx.HTTPError as error:
+        raise _api_failure(error, api_url) from None
+
+
 def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_runner=None) -> None:
     """Run a flow against the Prefect API, wait until its task runs are recorded, then report."""
     import httpx
@@ -233,8 +248,7 @@ def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_run
     if task_runner is not None:
         flow = flow.with_options(task_runner=task_runner)
     with runtime.prefect_api() as api_url:
-        if _api_answers(api_url) != "ok":
-            raise EnvironmentFailure(f"the Prefect API at {api_url} does not answer; start it or unset PREFECT_API_URL")
+        _check_api(api_url)
         _watch_api(api_url)
         _quiet_console_tracebacks()
         try:
@@ -431,6 +445,9 @@ def serve(
     serve_pipeline(name, when, flow_parameters(options.pop("preset"), **options))
 
 
+app.add_typer(server_app, name="server")
+
+
 def _exit_code(error: BaseException) -> tuple[int, str | None]:
     """Exit code and one-line message for an error that ends a command; (0, None) for anything else."""
     from prefect.exceptions import TerminationSignal
@@ -443,17 +460,12 @@ def _exit_code(error: BaseException) -> tuple[int, str | None]:
         return 2, error.format_message()
     if isinstance(error, InputError):
         return 2, str(error)
-    if isinstance(error, (EnvironmentFailure, *runtime_errors())):
+    if isinstance(error, EnvironmentFailure | runtime.ServerError):
         return 1, str(error)
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         return (2 if error.errno in USER_ERRNOS else 1), f"{where}{error.strerror or error}"
     return 0, None
-
-
-def runtime_errors() -> tuple[type[Exception], ...]:
-    server_error = getattr(runtime, "ServerError", None)
-    return (server_error,) if server_error else ()
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ returns the file's manifest unchanged if an identical run already wrote it.
 """
 
 import errno
-from contextlib import suppress
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -232,14 +232,9 @@ def score_shard(
         return storage.write_manifest(target, key, **asdict(summary))
 
 
-def _remove_parts(shards: list[dict[str, Any]], path: Path) -> None:
-    """Delete the shard files once the predictions file holds them; the folder goes when it is empty."""
-    for shard in shards:
-        part = Path(shard["path"])
-        for leftover in (part, part.with_name(part.name + ".json"), part.with_name(f".{part.name}.lock")):
-            leftover.unlink(missing_ok=True)
-    with suppress(OSError):  # another layout's shards may still be there
-        storage.parts_dir(path).rmdir()
+def _remove_parts(path: Path) -> None:
+    """Delete the shard folder once the predictions file is complete (shards of older layouts included)."""
+    shutil.rmtree(storage.parts_dir(path), ignore_errors=True)
 
 
 @file_task(task_run_name="write-predictions")
@@ -250,7 +245,7 @@ def write_predictions(
     target, key = Path(path), _own_key()
     with storage.exclusive(target):
         if done := _reuse(target, key):
-            _remove_parts(shards or [], target)
+            _remove_parts(target)
             return done
         if shards is None:
             raise FileNotFoundError(errno.ENOENT, "predictions changed while being reused; run again", path)
@@ -266,5 +261,5 @@ def write_predictions(
         manifest = storage.write_manifest(
             target, key, rows=rows, score_accuracy=summary.accuracy, class_counts=summary.class_counts
         )
-        _remove_parts(shards, target)
+        _remove_parts(target)
         return manifest

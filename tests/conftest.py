@@ -14,6 +14,15 @@ from featuresum.tasks import data, training
 from featuresum.tasks.checkpoint import save_checkpoint
 
 runtime.quiet_defaults()
+# Fixtures that start a Prefect API: a test that uses one belongs to the server tier.
+SERVER_FIXTURES = {"harness", "prefect", "cli_home", "cli"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that needs a Prefect server, so `pytest -m "not server"` is the fast tier."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,156 @@
+"""Storage rules that caching and recovery rest on: manifests, shard plans, leftovers, locks, full disks, retries."""
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from featuresum.tasks import data, storage
+from featuresum.tasks.errors import DiskFull, InputError
+from featuresum.tasks.prefect_tasks import is_transient_error
+
+
+def write_file(path, text="content"):
+    path.write_text(text)
+    return path
+
+
+def test_a_manifest_vouches_only_for_the_file_and_the_key_it_recorded(tmp_path):
+    path = write_file(tmp_path / "out.bin")
+    storage.write_manifest(path, key="key-a")
+    assert storage.is_intact(path, "key-a")
+    assert not storage.is_intact(path, "key-b")  # another run's settings wrote it
+
+    path.write_text("content")  # same bytes and size, but rewritten
+    assert not storage.is_intact(path, "key-a")
+
+
+def test_a_file_replaced_with_its_manifest_by_another_valid_output_is_not_taken_for_ours(tmp_path):
+    ours, theirs = write_file(tmp_path / "ours.bin", "A"), write_file(tmp_path / "theirs.bin", "B")
+    storage.write_manifest(ours, key="key-a")
+    storage.write_manifest(theirs, key="key-b")
+    os.replace(theirs, ours)
+    os.replace(tmp_path / "theirs.bin.json", tmp_path / "ours.bin.json")
+    assert not storage.is_intact(ours, "key-a")
+
+
+def test_a_deleted_file_or_manifest_is_not_intact(tmp_path):
+    path = write_file(tmp_path / "out.bin")
+    storage.write_manifest(path, key="k")
+    (tmp_path / "out.bin.json").unlink()
+    assert not storage.is_intact(path, "k")
+    storage.write_manifest(path, key="k")
+    path.unlink()
+    assert not storage.is_intact(path, "k")
+
+
+def feature_file(path, row_group_rows):
+    batches = [storage.shard_to_batch(data.generate_shard(0, "s", i, rows)) for i, rows in enumerate(row_group_rows)]
+    with pq.ParquetWriter(path, storage.DATASET_SCHEMA) as writer:
+        for batch in batches:
+            writer.write_table(pa.Table.from_batches([batch]))
+    return path
+
+
+def test_shards_are_whole_consecutive_row_groups_of_at_least_shard_rows(tmp_path):
+    path = feature_file(tmp_path / "f.parquet", [10, 10, 10, 5])
+    assert storage.row_group_shards(path, 20) == [[0, 1], [2, 3]]
+    assert storage.row_group_shards(path, 1) == [[0], [1], [2], [3]]
+    assert storage.row_group_shards(path, 1000) == [[0, 1, 2, 3]]
+
+
+def test_shard_files_are_named_by_what_shapes_them(tmp_path):
+    out = tmp_path / "p.parquet"
+    spec = {"model": "a", "features": "x", "row_groups": [0, 1], "index": 0, "device": "cpu"}
+    assert storage.part_path(out, 0, spec) == storage.part_path(out, 0, dict(spec))
+    assert storage.part_path(out, 0, spec) != storage.part_path(out, 0, {**spec, "row_groups": [0]})
+    assert storage.part_path(out, 0, spec) != storage.part_path(out, 0, {**spec, "model": "b"})
+
+
+def aged(path, seconds):
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+    return path
+
+
+def test_leftover_temporary_files_are_swept_by_age_never_a_live_writers(tmp_path):
+    gone_pid = subprocess.Popen(["true"])
+    gone_pid.wait()
+    old_dead = aged(write_file(tmp_path / f".model.pt.{gone_pid.pid}-abc.tmp"), 7200)
+    old_live = aged(write_file(tmp_path / f".data.parquet.{os.getpid()}-def.tmp"), 7200)
+    young_dead = write_file(tmp_path / f".other.parquet.{gone_pid.pid}-ghi.tmp")
+    nested = tmp_path / "p.parquet.parts"
+    nested.mkdir()
+    old_nested = aged(write_file(nested / f".part-00000.parquet.{gone_pid.pid}-jkl.tmp"), 7200)
+    kept = write_file(tmp_path / "model.pt")
+
+    removed = storage.sweep_leftovers(tmp_path)
+    assert sorted(removed) == sorted([old_dead, old_nested])
+    assert old_live.exists() and young_dead.exists() and kept.exists()
+
+
+def test_a_lock_lets_one_producer_work_at_a_time(tmp_path):
+    target, order = tmp_path / "out.bin", []
+
+    def produce(name):
+        with storage.exclusive(target):
+            order.append(f"{name} in")
+            time.sleep(0.3)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=produce, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (needs root, as in CI)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        if os.environ.get("FEATURESUM_REQUIRE_ALL") == "1":
+            pytest.fail("a full-disk test needs root to mount a tmpfs")
+        pytest.skip("a full-disk test needs root to mount a tmpfs")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_fails_at_once_naming_the_folder(tiny_disk):
+    batches = map(storage.shard_to_batch, data.generate_dataset(0, "train", 2000))
+    with pytest.raises(DiskFull, match=f"no space left in {tiny_disk}") as raised:
+        storage.write_parquet(tiny_disk / "train.parquet", storage.DATASET_SCHEMA, batches)
+    assert not is_transient_error(raised.value)
+    assert list(tiny_disk.iterdir()) == []  # nothing half-written is left behind
+
+
+@pytest.mark.parametrize(
+    "code", [errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE]
+)
+def test_failures_that_can_heal_are_retried(code):
+    assert is_transient_error(OSError(code, os.strerror(code)))
+
+
+@pytest.mark.parametrize(
+    "code",
+    [errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOSPC],
+)
+def test_failures_that_cannot_heal_are_not_retried(code):
+    assert not is_transient_error(OSError(code, os.strerror(code)))
+
+
+def test_bad_input_and_ordinary_errors_are_not_retried():
+    assert not is_transient_error(InputError("x.parquet: features contain NaN"))
+    assert not is_transient_error(ValueError("bug"))
+    assert is_transient_error(TimeoutError())
+    assert is_transient_error(ConnectionResetError())

@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ import typer
 from featuresum.flows import runtime
 from featuresum.flows.presets import PRESETS
 from featuresum.flows.server import server_app
-from featuresum.tasks.errors import EnvironmentFailure, InputError
+from featuresum.tasks.errors import EnvironmentFailure, InputError, Terminated
 
 LOCAL_SERVER_HELP = (
     "Runs are recorded by the Prefect API in PREFECT_API_URL or, when none is set, by a local "
@@ -243,8 +244,6 @@ def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_run
     from featuresum.flows import pipeline
 
     flow = {"run": pipeline.pipeline_flow, "train": pipeline.train_flow, "score": pipeline.score_flow}[flow_name]
-    started: list[str] = []
-    flow = flow.with_options(on_running=[lambda flow, run, state: started.append(str(run.id))])
     if task_runner is not None:
         flow = flow.with_options(task_runner=task_runner)
     with runtime.prefect_api() as api_url:
@@ -253,12 +252,13 @@ def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_run
         _quiet_console_tracebacks()
         try:
             with tags("featuresum", f"cli-{flow_name}", f"seed-{parameters['seed']}"):
+                earlier = set(pipeline.TASK_RUNS)
                 try:
                     state = flow(**parameters, return_state=True)
                 finally:
                     # Also after a failure or Ctrl-C: the UI should show every task run in its final state.
-                    for flow_run_id in started:
-                        _wait_for_task_runs(flow_run_id, pipeline.TASK_RUNS.get(flow_run_id, {}))
+                    for flow_run_id in set(pipeline.TASK_RUNS) - earlier:
+                        _wait_for_task_runs(flow_run_id, pipeline.TASK_RUNS[flow_run_id])
             summary = state.result()
         except (httpx.HTTPError, PrefectHTTPStatusError) as error:
             raise _api_failure(error, api_url) from None
@@ -454,7 +454,7 @@ def _exit_code(error: BaseException) -> tuple[int, str | None]:
 
     if isinstance(error, typer.Abort | KeyboardInterrupt):
         return 130, "interrupted"
-    if isinstance(error, TerminationSignal):
+    if isinstance(error, TerminationSignal | Terminated):
         return 128 + error.signal, "terminated"
     if isinstance(error, typer.TyperException):
         return 2, error.format_message()
@@ -468,9 +468,16 @@ def _exit_code(error: BaseException) -> tuple[int, str | None]:
     return 0, None
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # Prefect swaps in its own handler while a flow runs (the run then ends Crashed) and hands the
+    # signal back to this one afterwards, so the command still ends with one line and 143.
+    raise Terminated(signum)
+
+
 def main() -> None:
     """Entry point: errors end with one line on stderr and the exit code of their kind, not a traceback."""
     runtime.quiet_defaults()
+    signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="featuresum", standalone_mode=False)
@@ -480,4 +487,6 @@ def main() -> None:
             raise
         print(f"featuresum: error: {message}", file=sys.stderr)
         sys.exit(code)
+    if code == 130:  # Typer turns Ctrl-C into this exit code
+        print("featuresum: error: interrupted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

@@ -15,3 +15,11 @@ class EnvironmentFailure(RuntimeError):
 
 class DiskFull(EnvironmentFailure):
     """No space left where an output is being written; the message names the folder."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM, so a run can end in a final state."""
+
+    def __init__(self, signal: int):
+        super().__init__(f"terminated by signal {signal}")
+        self.signal = signal

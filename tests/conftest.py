@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,17 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_checkpoint(path, training.to_checkpoint(state, config, {"metrics": {}}))
     return path
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (needs root, as in CI)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        if os.environ.get("FEATURESUM_REQUIRE_ALL") == "1":
+            pytest.fail("a full-disk test needs root to mount a tmpfs")
+        pytest.skip("a full-disk test needs root to mount a tmpfs")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -1,9 +1,11 @@
 """Faults: transient write errors are retried, bad input is not, killed runs resume, concurrent runs coexist."""
 
+import json
 import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from conftest import run_json, small_run_args
 from test_flows import SMALL
 
+from featuresum.flows import runtime
 from featuresum.flows.pipeline import pipeline_flow, score_flow
 from featuresum.tasks import storage
 from featuresum.tasks.checkpoint import load_checkpoint
@@ -130,7 +133,8 @@ def test_killed_training_resumes_from_its_last_epoch(cli, tmp_path):
     assert not partials()
 
 
-def test_concurrent_runs_with_different_seeds_all_succeed(cli, tmp_path):
+def test_concurrent_runs_identical_or_not_all_succeed(cli, tmp_path):
+    """Two identical runs at once (a scheduled and a manual one, say) and one with another seed."""
     processes = [
         subprocess.Popen(
             [cli.executable, *small_run_args(tmp_path), "--seed", str(seed), "--json"],
@@ -140,7 +144,7 @@ def test_concurrent_runs_with_different_seeds_all_succeed(cli, tmp_path):
             stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip
-        for seed in (11, 12, 13)
+        for seed in (11, 11, 12)
     ]
     summaries = []
     for process in processes:
@@ -148,10 +152,126 @@ def test_concurrent_runs_with_different_seeds_all_succeed(cli, tmp_path):
         assert process.returncode == 0, stderr
         summaries.append(run_json(subprocess.CompletedProcess([], 0, stdout, stderr)))
     for key in ("train_data", "checkpoint", "score_input", "predictions"):
-        assert len({summary[key] for summary in summaries}) == 3
+        assert summaries[0][key] == summaries[1][key]
+        assert summaries[2][key] != summaries[0][key]
     for summary in summaries:
-        assert storage.is_intact(Path(summary["predictions"]))
-        scored = pq.read_table(summary["predictions"])
+        predictions = Path(summary["predictions"])
+        manifest = json.loads(predictions.with_name(predictions.name + ".json").read_text())
+        assert storage.is_intact(predictions, manifest["key"])
+        scored = pq.read_table(predictions)
         batch = pq.read_table(summary["score_input"], columns=["sample_id"])
         assert scored.column("sample_id").equals(batch.column("sample_id"))
         load_checkpoint(Path(summary["checkpoint"]))
+        assert summary["epochs_completed"] == 2
+    assert not list(tmp_path.rglob("*.partial.pt")) and not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.parts"))
+
+
+@contextmanager
+def api_client(home):
+    """A client of the local server recorded under `home`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = runtime.local_server_url(home)
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        yield client
+
+
+TRAIN_LONG = ["--train-samples", "40000", "--holdout-samples", "1000", "--epochs", "8", "--batch-size", "64"]
+
+
+def start_training(cli, tmp_path, env=None):
+    args = ["train", *TRAIN_LONG, "--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts")]
+    process = subprocess.Popen(
+        [cli.executable, *args, "--json"], env=env or cli.env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    partials = lambda: list((tmp_path / "artifacts").glob("model-*.partial.pt"))  # noqa: E731
+    wait_for(partials, process)
+    return args, process
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_run_ends_in_a_final_state_in_the_api(cli, tmp_path, signum, code):
+    _, process = start_training(cli, tmp_path)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] in ("featuresum: error: interrupted", "featuresum: error: terminated")
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with api_client(Path(cli.env["PREFECT_HOME"])) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["cli-train"])))
+        [run] = [run for run in runs if run.parameters.get("artifacts_dir") == str(tmp_path / "artifacts")]
+        assert run.state.name in ("Crashed", "Cancelled"), run.state
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+        assert task_runs and all(task_run.state.is_final() for task_run in task_runs)
+        assert any(task_run.state.name in ("Crashed", "Cancelled") for task_run in task_runs)
+
+
+def test_a_server_dying_mid_training_ends_the_run_promptly_and_the_next_run_resumes(cli, tmp_path):
+    home = tmp_path / "home"
+    env = {**cli.env, "PREFECT_HOME": str(home)}
+    try:
+        args, process = start_training(cli, tmp_path, env)
+        server = runtime.server_status(home)
+        os.killpg(server["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        stdout, stderr = process.communicate(timeout=120)
+        took = time.monotonic() - killed
+        assert process.returncode == 1, stderr
+        assert took < 30, took
+        assert "Traceback" not in stderr, stderr
+        assert "stopped answering" in stderr.strip().splitlines()[-1]
+        [partial] = (tmp_path / "artifacts").glob("model-*.partial.pt")
+        finished = torch.load(partial, weights_only=True)["epoch"]
+
+        again = subprocess.run(
+            [cli.executable, *args, "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
+        assert again.returncode == 0, again.stderr
+        summary = run_json(again)
+        assert summary["start_epoch"] == finished >= 1
+        assert summary["epochs_completed"] == 8
+        assert runtime.server_status(home)["pid"] != server["pid"]
+    finally:
+        runtime.stop_local_server(home)
+
+
+def test_a_failed_run_has_its_task_runs_recorded_when_the_command_ends(cli, tmp_path):
+    summary = run_json(cli(*small_run_args(tmp_path), "--json"))
+    table = pq.read_table(summary["score_input"])
+    column = table.column("f010").to_numpy().copy()
+    column[3] = np.nan
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("f010"), "f010", [column]), bad)
+    result = cli("score", "--model", summary["checkpoint"], "--input", str(bad), "--output", "p.parquet", check=False)
+    assert result.returncode == 2, result.stderr
+    assert "NaN" in result.stderr.strip().splitlines()[-1]
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    # Read at once, with no waiting: the command itself waited until every task run was recorded.
+    with api_client(Path(cli.env["PREFECT_HOME"])) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["cli-score"])))
+        [run] = [run for run in runs if run.parameters.get("input") == str(bad)]
+        assert run.state.name == "Failed"
+        states = {
+            r.name: r.state.name for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+        }
+        assert states["score-shard-0"] == "Failed"
+        assert len(states) == 3 and sum(state == "Failed" for state in states.values()) == 1  # no write-predictions
+
+
+def test_a_full_disk_ends_the_run_at_once_with_one_line(cli, tiny_disk, tmp_path):
+    started = time.monotonic()
+    result = cli("run", *small_run_args(tmp_path)[1:], "--data-dir", str(tiny_disk), check=False)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"featuresum: error: disk full: no space left in {tiny_disk}; free space or use another folder"
+    )
+    assert time.monotonic() - started < 60  # no retries with backoff

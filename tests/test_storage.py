@@ -2,7 +2,6 @@
 
 import errno
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -110,20 +109,6 @@ def test_a_lock_lets_one_producer_work_at_a_time(tmp_path):
     for thread in threads:
         thread.join()
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs: a real full disk (needs root, as in CI)."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        if os.environ.get("FEATURESUM_REQUIRE_ALL") == "1":
-            pytest.fail("a full-disk test needs root to mount a tmpfs")
-        pytest.skip("a full-disk test needs root to mount a tmpfs")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_disk_fails_at_once_naming_the_folder(tiny_disk):

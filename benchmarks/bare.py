@@ -123,3 +123,30 @@ def score_parquet(model: nn.Module, source: str, destination: str) -> int:
     )
     pq.write_table(predictions, destination, **PARQUET_WRITE)
     return len(sample_id)
+
+
+@torch.no_grad()
+def stream_score_parquet(model: nn.Module, source: str, destination: str, batch_rows: int = 65_536) -> int:
+    """Score a feature file batch by batch (pyarrow's default batch size), writing each batch as it comes."""
+    schema = pa.schema(
+        [
+            ("sample_id", pa.int64()),
+            ("feature_sum", pa.float64()),
+            ("predicted_class", pa.int64()),
+            ("confidence", pa.float32()),
+        ]
+    )
+    rows = 0
+    with pq.ParquetWriter(destination, schema, **PARQUET_WRITE) as writer:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows, columns=["sample_id", *FEATURE_NAMES]):
+            features = np.stack([batch.column(name).to_numpy() for name in FEATURE_NAMES])
+            confidence, predicted = torch.softmax(model(torch.from_numpy(features).T), dim=1).max(dim=1)
+            predictions = {
+                "sample_id": batch.column("sample_id"),
+                "feature_sum": features.sum(axis=0, dtype=np.float64),
+                "predicted_class": predicted.numpy().astype(np.int64),
+                "confidence": confidence.numpy(),
+            }
+            writer.write_batch(pa.record_batch(predictions, schema=schema))
+            rows += batch.num_rows
+    return rows

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import REPO, HostLoad, Spread, interleave, ratios
+from benchmarks.measure import REPO, HostLoad, Spread, interleave, ratios, run_watching_rss
 from benchmarks.report import Check, Figure, table
 from benchmarks.sizes import TINY, Sizes
 
@@ -32,18 +32,22 @@ def cli_options(overrides: tuple[tuple[str, Any], ...] | dict[str, Any]) -> list
 
 def code_digest() -> str:
     """Digest of the code that keys the pipeline's cache, to notice edits made while a run is timed."""
+    from featuresum import tasks
+
+    # The imported package, not REPO/tasks: under `--rev` that is a copy of another revision.
     digest = hashlib.sha256()
-    for source in sorted((REPO / "tasks").glob("*.py")):
+    for source in sorted(Path(tasks.__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()
 
 
 @dataclass
 class CliRun:
-    """One finished `featuresum` command: wall seconds and its --json summary."""
+    """One finished `featuresum` command: wall seconds, its --json summary and its peak RSS (MiB)."""
 
     wall: float
     summary: dict[str, Any]
+    peak_rss_mib: float
 
     @property
     def states(self) -> list[str]:
@@ -82,18 +86,13 @@ class LocalPrefect:
     def featuresum(self, *args: str) -> CliRun:
         """Run `featuresum ARGS --json` and time it; raises with its stderr if it fails."""
         start = time.perf_counter()
-        result = subprocess.run(
-            [str(FEATURESUM), *args, "--json"],
-            cwd=self.workdir,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
+        result, peak = run_watching_rss(
+            [str(FEATURESUM), *args, "--json"], COMMAND_TIMEOUT, cwd=self.workdir, env=self.env
         )
         wall = time.perf_counter() - start
         if result.returncode != 0:
             raise RuntimeError(f"featuresum {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-        return CliRun(wall, json.loads(result.stdout))
+        return CliRun(wall, json.loads(result.stdout), peak)
 
     def _api(self, path: str, body: dict | None = None) -> Any:
         from featuresum.flows import runtime

@@ -5,6 +5,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,12 +116,57 @@ class HostLoad:
         self.foreign_cores = max(0.0, busy - own) / self.wall if self.wall > 0 else 0.0
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (VmHWM), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def vm_hwm_mib(pid: int | str = "self") -> float | None:
+    """Peak resident set size (VmHWM) of a process so far, in MiB; None once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return None  # an exited process not yet reaped has no memory left to report
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (VmHWM), in MiB."""
+    peak = vm_hwm_mib()
+    if peak is None:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return peak
+
+
+def run_watching_rss(
+    command: list[str], timeout: float, poll_seconds: float = 0.05, **options: object
+) -> tuple[subprocess.CompletedProcess, float]:
+    """`subprocess.run(command, capture_output=True, text=True)`, plus the command's peak RSS in MiB.
+
+    The child's VmHWM is read from /proc while it runs: it only grows, so the last read before the
+    child exits stands (a rise in its last `poll_seconds` can be missed). `ru_maxrss` would not do:
+    Linux carries it across fork and exec, so a child starts with its parent's.
+    """
+    peak = 0.0
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options) as child:
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal peak
+            # Once the child is reaped (returncode set) its pid may name another process.
+            while not done.wait(poll_seconds) and child.returncode is None:
+                peak = max(peak, vm_hwm_mib(child.pid) or 0.0)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise
+        finally:
+            done.set()
+            watcher.join()
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr), peak
 
 
 def cpu_model() -> str:

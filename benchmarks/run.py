@@ -6,6 +6,7 @@ reported as min / median / max over interleaved repetitions.
 
 import argparse
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -17,12 +18,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import cli_runs, scaling, sharded, throughput
+from benchmarks import cli_runs, cli_scoring, scaling, sharded, throughput
 from benchmarks.measure import REPO, machine, source_state
 from benchmarks.report import Figure, render
 from benchmarks.sizes import FULL, QUICK
 
-ALL = ("generation", "training", "scoring", "end-to-end", "scaling", "quality", "sharded")
+ALL = ("generation", "training", "scoring", "end-to-end", "scaling", "quality", "sharded", "cli-scoring")
 # Quick mode leaves out the figures that run whole `featuresum` commands against a local server
 # (its first start alone takes 10-30 s); name them with --only to include them.
 QUICK_DEFAULT = ("generation", "training", "scoring", "scaling")
@@ -46,7 +47,9 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
     """Run the selected benchmarks in a fixed order; returns their figures."""
     sizes = QUICK if quick else FULL
     figures: list[Figure] = []
-    cli = cli_runs.LocalPrefect(workdir) if {"end-to-end", "quality", "sharded"} & set(selected) else None
+    cli = (
+        cli_runs.LocalPrefect(workdir) if {"end-to-end", "quality", "sharded", "cli-scoring"} & set(selected) else None
+    )
     end_to_end_metrics: list[dict] = []
 
     def end_to_end() -> list[Figure]:
@@ -62,6 +65,7 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
         "scaling": lambda: scaling.scaling(sizes, workdir),
         "quality": lambda: cli_runs.model_quality(sizes, cli, end_to_end_metrics),
         "sharded": lambda: sharded.sharded_scoring(sizes, cli),
+        "cli-scoring": lambda: cli_scoring.cli_scoring(sizes, cli),
     }
     try:
         for name in ALL:
@@ -78,26 +82,58 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
     return figures
 
 
+# Run in a child with the snapshot's environment: where each package is imported from.
+_WHERE_IMPORTED = (
+    "import json, featuresum.flows.cli, featuresum.tasks.storage; "
+    "print(json.dumps([featuresum.flows.cli.__file__, featuresum.tasks.storage.__file__]))"
+)
+
+
+def _check_imports_copy(snapshot: Path, env: dict[str, str], commit: str) -> None:
+    """Fail unless a child process with `env` imports featuresum.flows and featuresum.tasks from the copy.
+
+    `-P` leaves the working directory off sys.path, as for the `featuresum` console script.
+    """
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", _WHERE_IMPORTED], cwd=snapshot, env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+        sys.exit(
+            f"the copy of {commit} does not import as featuresum.flows and featuresum.tasks ({last}); "
+            "revisions before that layout cannot be measured by these benchmarks"
+        )
+    imported = [Path(path) for path in json.loads(result.stdout)]
+    outside = [str(path) for path in imported if not path.is_relative_to(snapshot)]
+    if outside:
+        sys.exit(f"the copy of {commit} is shadowed: a child imports {', '.join(outside)}")
+
+
 def _on_snapshot(args: argparse.Namespace) -> int:
-    """Rerun the suite on a copy of flows/ and tasks/ as committed at args.rev (and benchmarks/ as it is)."""
+    """Rerun the suite on a copy of flows/ and tasks/ as committed at args.rev (and benchmarks/ as it is).
+
+    The copy is laid out as installed, <snapshot>/featuresum/{flows,tasks}, and <snapshot> leads
+    PYTHONPATH: the editable install's finder comes after the path-based one, so the copy wins.
+    """
     commit = subprocess.run(
         ["git", "rev-parse", "--short", f"{args.rev}^{{commit}}"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
-    snapshot = Path(tempfile.mkdtemp(prefix="featuresum-source-", dir=args.tmp))
+    snapshot = Path(tempfile.mkdtemp(prefix="featuresum-source-", dir=args.tmp)).resolve()
     try:
         archive = subprocess.run(
             ["git", "archive", commit, "flows", "tasks"], cwd=REPO, capture_output=True, check=True
         )
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-            tar.extractall(snapshot, filter="data")
+            tar.extractall(snapshot / "featuresum", filter="data")
         shutil.copytree(REPO / "benchmarks", snapshot / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+        paths = [str(snapshot), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        _check_imports_copy(snapshot, env, commit)
         command = [sys.executable, "-m", "benchmarks.run", "--output", str(args.output.resolve())]
         command += ["--quick"] if args.quick else []
         command += ["--only", *args.only] if args.only else []
         command += ["--tmp", str(args.tmp.resolve())] if args.tmp else []
         command += ["--source-label", f"{commit} (flows/ and tasks/ as committed, run from a copy)"]
-        # The copy comes first on the path, ahead of the editable install of the working tree.
-        env = {**os.environ, "PYTHONPATH": str(snapshot)}
         return subprocess.run(command, cwd=snapshot, env=env, check=False).returncode
     finally:
         shutil.rmtree(snapshot, ignore_errors=True)

@@ -1,7 +1,8 @@
-"""Score one feature file with the pipeline's streamed path in a process of its own; print a JSON report.
+"""Score one feature file in a process of its own, with the pipeline's streamed path or a bare baseline.
 
-The report's peak RSS (VmHWM) covers everything the process ever held: interpreter, torch,
-pyarrow, the checkpoint and the batches.
+Prints a JSON report. Its peak RSS (VmHWM) covers everything the process ever held: interpreter,
+torch, pyarrow, the checkpoint and the batches. A bare baseline imports no pipeline code beyond
+the model class and the data rule's constants.
 """
 
 import argparse
@@ -9,18 +10,22 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import bare, pipeline_calls
+from benchmarks import bare
 from benchmarks.measure import peak_rss_mib
 
 
 def main() -> None:
-    """Score --input with --model into --output (pipeline path, or --bare), or --idle: only load the model."""
+    """Score --input with --model into --output (pipeline path, --bare or --bare-stream), or --idle."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--input", type=Path)
     parser.add_argument("--output", type=Path)
-    parser.add_argument("--idle", action="store_true", help="load the checkpoint, score nothing")
-    parser.add_argument("--bare", action="store_true", help="score with the bare baseline (whole file in memory)")
+    scorer = parser.add_mutually_exclusive_group()
+    scorer.add_argument("--idle", action="store_true", help="load the checkpoint, score nothing")
+    scorer.add_argument("--bare", action="store_true", help="score with the bare baseline (whole file in memory)")
+    scorer.add_argument(
+        "--bare-stream", action="store_true", help="score with the bare streaming baseline (iter_batches)"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     if args.idle:
@@ -30,7 +35,12 @@ def main() -> None:
         rows, accuracy = 0, None
     elif args.bare:
         rows, accuracy = bare.score_parquet(bare.load_model(str(args.model)), str(args.input), str(args.output)), None
+    elif args.bare_stream:
+        model = bare.load_model(str(args.model))
+        rows, accuracy = bare.stream_score_parquet(model, str(args.input), str(args.output)), None
     else:
+        from benchmarks import pipeline_calls
+
         summary = pipeline_calls.score_parquet(args.model, args.input, args.output)
         rows, accuracy = summary.rows, summary.accuracy
     seconds = time.perf_counter() - start

@@ -45,7 +45,7 @@ def _task_group(name: str) -> str:
 
 
 def sharded_scoring(sizes: Sizes, cli: LocalPrefect) -> Figure:
-    """Rows/s of `featuresum score --input` on Dask with 1 and 2 workers, the default runner, and bare."""
+    """Rows/s of `featuresum score --input` on Dask with 1 and 2 workers, the default runner and two bare scorers."""
     title = "8. Sharded scoring on Dask"
     if not runner_option(cli):
         note = "`featuresum score --help` shows no `--runner` option in this checkout, so this was not measured."
@@ -71,9 +71,9 @@ def sharded_scoring(sizes: Sizes, cli: LocalPrefect) -> Figure:
         task_times.setdefault(label, []).append(times)
         return run.wall
 
-    def bare_score() -> float:
+    def bare_score(scorer: str) -> float:
         output = cli.workdir / f"sharded-bare-{next(outputs)}.parquet"
-        command = [sys.executable, "-m", "benchmarks.score_child", "--bare", "--model", str(model)]
+        command = [sys.executable, "-m", "benchmarks.score_child", scorer, "--model", str(model)]
         start = time.perf_counter()
         result = subprocess.run(
             [*command, "--input", str(source), "--output", str(output)], cwd=REPO, capture_output=True, text=True
@@ -89,7 +89,8 @@ def sharded_scoring(sizes: Sizes, cli: LocalPrefect) -> Figure:
         "dask, 1 worker": lambda: featuresum_score("dask, 1 worker", "--runner", "dask", "--dask-workers", "1"),
         "dask, 2 workers": lambda: featuresum_score("dask, 2 workers", "--runner", "dask", "--dask-workers", "2"),
         "default runner (threads)": lambda: featuresum_score("default runner (threads)", "--runner", "default"),
-        "bare script": bare_score,
+        "bare whole-file script": lambda: bare_score("--bare"),
+        "bare streaming script": lambda: bare_score("--bare-stream"),
     }
     try:
         with HostLoad() as load:
@@ -98,8 +99,9 @@ def sharded_scoring(sizes: Sizes, cli: LocalPrefect) -> Figure:
         source.unlink(missing_ok=True)
     speedup = ratios(seconds["dask, 1 worker"], seconds["dask, 2 workers"])
     rows_table = []
+    bare_names = ("bare whole-file script", "bare streaming script")
     for name, walls in seconds.items():
-        vs_bare = ratios(seconds["bare script"], walls).format(".2f") if name != "bare script" else "1"
+        vs_bare = [ratios(seconds[bare], walls).format(".2f") if name not in bare_names else "-" for bare in bare_names]
         groups = task_times.get(name, [])
 
         def task(group: str, groups: list[dict[str, float]] = groups) -> str:
@@ -110,7 +112,7 @@ def sharded_scoring(sizes: Sizes, cli: LocalPrefect) -> Figure:
                 name,
                 Spread.of(walls).format(".1f"),
                 Spread.of([rows / wall for wall in walls]).format(",.0f"),
-                vs_bare,
+                *vs_bare,
                 task("fingerprint"),
                 task("score-shard"),
                 task("write-predictions"),
@@ -120,15 +122,25 @@ def sharded_scoring(sizes: Sizes, cli: LocalPrefect) -> Figure:
     body = [
         f"`featuresum score --input` of a {rows:,}-row feature file ({shards} shards"
         f"{' of ' + format(sizes.sharded_shard_rows, ',') + ' rows' if sizes.sharded_shard_rows else ''}, "
-        "`--refresh`, a fresh `--output` each time) against the warm local server, versus the bare "
-        f"whole-file scorer in a subprocess; {sizes.e2e_reps} repetitions interleaved. Wall time is the whole "
+        "`--refresh`, a fresh `--output` each time) against the warm local server, versus two bare scorers, "
+        "each a subprocess: the whole-file one (`pq.read_table`) and a streaming one (`iter_batches`, "
+        f"a `ParquetWriter`); {sizes.e2e_reps} repetitions interleaved. Wall time is the whole "
         "command: imports, the input check the CLI makes before the flow, the content hash of the input "
         "(`fingerprint` task), a Dask LocalCluster's start (dask runs), the shards, and their concatenation "
         "(`write-predictions`). Task columns sum the run times Prefect recorded (shards overlap in time when "
         "they run in parallel).",
         "",
         *table(
-            ["", "wall s", "rows/s", "rows/s ÷ bare", "fingerprint s", "score-shard s (sum)", "write-predictions s"],
+            [
+                "",
+                "wall s",
+                "rows/s",
+                "rows/s ÷ bare whole-file",
+                "rows/s ÷ bare streaming",
+                "fingerprint s",
+                "score-shard s (sum)",
+                "write-predictions s",
+            ],
             rows_table,
         ),
         "",

@@ -27,6 +27,8 @@ class Sizes:
     sharded_rows: int
     # --shard-rows for `featuresum score`; None keeps its default.
     sharded_shard_rows: int | None
+    # Rows of the feature file that `featuresum score` and the bare scorers score in figure 9.
+    cli_scoring_rows: int
 
 
 TINY = (("train_samples", 2000), ("holdout_samples", 500), ("score_samples", 500), ("epochs", 1))
@@ -65,6 +67,7 @@ FULL = Sizes(
     ),
     sharded_rows=1_000_000,
     sharded_shard_rows=None,
+    cli_scoring_rows=1_000_000,
 )
 
 QUICK = Sizes(
@@ -84,4 +87,5 @@ QUICK = Sizes(
     quality_runs=(("a tiny run", ("--train-samples", "2000", "--holdout-samples", "500", "--epochs", "1")),),
     sharded_rows=40_000,
     sharded_shard_rows=32_768,
+    cli_scoring_rows=40_000,
 )

@@ -37,7 +37,7 @@ def test_train_command_reports_training_only(cli, tmp_path):
     args.remove("--score-samples"), args.remove("700")
     summary = run_json(cli(*args, "--json"))
     assert "predictions" not in summary and summary["checkpoint"].endswith(".pt")
-    assert 0 <= summary["metrics"]["val_accuracy"] <= 1
+    assert 0.4 < summary["metrics"]["val_accuracy"] <= 1  # above the majority-class rate, about 0.36
     assert len(summary["task_states"]) == 3
 
 

@@ -212,3 +212,29 @@ def test_exit_codes_by_kind_of_error():
     assert cli._exit_code(PermissionError(13, "Permission denied", "/x"))[0] == 2
     assert cli._exit_code(OSError(5, "Input/output error", "/x"))[0] == 1
     assert cli._exit_code(ValueError("a bug")) == (0, None)  # a bug keeps its traceback
+
+
+def test_a_project_of_its_own_with_tasks_and_flows_modules_does_not_shadow_featuresum(tmp_path, checkpoint):
+    for name in ("tasks.py", "flows.py"):
+        (tmp_path / name).write_text("raise ImportError('a project module was imported instead of featuresum')\n")
+    imported = subprocess.run(
+        [sys.executable, "-c", "import featuresum.flows.cli, featuresum.flows.pipeline, featuresum.tasks.storage"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    (tmp_path / "bad.pt").write_text("not a model")
+    result = run_cli(tmp_path, "score", "--model", "bad.pt", "--samples", "3")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "featuresum: error: bad.pt: refused: not a featuresum checkpoint (not a PyTorch archive; nothing was loaded)"
+    ]
+
+
+@pytest.mark.server
+def test_a_local_server_that_fails_to_start_is_one_line_and_exit_code_1(tmp_path):
+    broken = f"sqlite+aiosqlite:///{tmp_path}/no-such-folder/prefect.db"
+    result = run_cli(tmp_path, "train", "--epochs", "1", PREFECT_SERVER_DATABASE_CONNECTION_URL=broken)
+    assert result.returncode == 1, result.stderr
+    line = last_line(result)
+    assert line.startswith("featuresum: error: the local Prefect server"), line
+    assert str(tmp_path / "home" / "featuresum-server.log") in line

@@ -25,12 +25,16 @@ def small_run(epochs):
     return state, config
 
 
-def test_short_training_lowers_loss_and_beats_chance():
+def test_short_training_lowers_loss_and_beats_the_majority_class():
     state, config = small_run(epochs=4)
-    training.fit(state, dataset(5, "train", 3000), dataset(5, "holdout", 1000), config)
+    holdout = dataset(5, "holdout", 1000)
+    training.fit(state, dataset(5, "train", 3000), holdout, config)
     losses = [h["train_loss"] for h in state.history]
     assert losses[-1] < losses[0] * 0.8
-    assert state.history[-1]["val_accuracy"] > 0.3
+    # Always answering the most common class (sum < -10) scores about 0.36; a model must do better.
+    majority = torch.bincount(holdout[1]).max().item() / len(holdout[1])
+    assert 0.3 < majority < 0.4
+    assert state.history[-1]["val_accuracy"] > majority + 0.05
 
 
 def test_checkpoint_loads_weights_only_and_rebuilds_the_model(tmp_path):

@@ -123,11 +123,11 @@ class LocalPrefect:
 
 def _run_settings(options: tuple[str, ...]) -> dict[str, Any]:
     """The preset's values overridden by explicit `featuresum run` options."""
-    from featuresum.flows.pipeline import PRESETS
+    from featuresum.flows.presets import PRESETS
 
     pairs = zip(options[::2], options[1::2], strict=True)
     given = {name.removeprefix("--").replace("-", "_"): value for name, value in pairs}
-    settings = dict(PRESETS[given.pop("preset", "default")])
+    settings = PRESETS[given.pop("preset", "default")].values()
     settings.update({key: type(settings[key])(value) for key, value in given.items() if key in settings})
     return settings
 
@@ -157,12 +157,12 @@ def _remove_run(args: list[str]) -> None:
 
 def end_to_end(sizes: Sizes, cli: LocalPrefect, workdir: Path) -> tuple[list[Figure], list[dict[str, Any]]]:
     """Figures 4 and 5, plus the metrics of the end-to-end runs (for figure 7)."""
-    from featuresum.flows.pipeline import PRESETS
+    from featuresum.flows.presets import PRESETS
 
     with HostLoad() as load:
         cold, warm = cli.warm_up()
         overrides = dict(sizes.e2e_overrides)
-        settings = {**PRESETS["default"], **overrides}
+        settings = {**PRESETS["default"].values(), **overrides}
         first_runs: list[CliRun] = []
         reruns: list[CliRun] = []
         plain_runs: list[dict[str, Any]] = []

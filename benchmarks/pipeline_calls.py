@@ -6,15 +6,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from featuresum.tasks import data, scoring, storage, training
+from featuresum.tasks import checkpoint, data, scoring, storage, training
+
+
+def _task_key(task: str, parameters: dict[str, Any]) -> str:
+    """A cache key as the Prefect tasks record one in their manifests (the same hashing work)."""
+    return storage.spec_key({"task": task, **parameters})
 
 
 def generate_parquet(path: Path, rows: int, seed: int, stream: str = "train") -> dict[str, Any]:
     """What the generate task does: stream generated shards to Parquet, then record the manifest."""
     shards = map(storage.shard_to_batch, data.generate_dataset(seed, stream, rows))
     written = storage.write_parquet(path, storage.DATASET_SCHEMA, shards)
-    key = storage.spec_key({"stream": stream, "rows": rows, "seed": seed})
-    return storage.write_manifest(path, content_key=key, rows=written)
+    spec = {"stream": stream, "rows": rows, "seed": seed, "code": storage.code_version()}
+    key = _task_key("generate_dataset", {"stream": stream, "rows": rows, "seed": seed, "path": str(path)})
+    return storage.write_manifest(path, key, content_key=storage.spec_key(spec), rows=written)
 
 
 def dataset_in_memory(seed: int, stream: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,17 +40,18 @@ def save_untrained_checkpoint(path: Path, seed: int = 0) -> None:
     """A valid checkpoint of a freshly initialised model (scoring speed does not depend on the weights)."""
     config = training.TrainConfig(seed=seed)
     state = training.new_training_state(config, 1, torch.device("cpu"))
-    storage.save_checkpoint(path, training.to_checkpoint(state, config, {}))
+    checkpoint.save_checkpoint(path, training.to_checkpoint(state, config, {}))
 
 
 def score_parquet(model: Path, source: Path, destination: Path, device: str = "cpu") -> scoring.ScoreSummary:
     """What the score task does: load the checkpoint, stream batches through the model into Parquet."""
     target = torch.device(device)
-    classifier = training.model_from_checkpoint(storage.load_checkpoint(model), target)
+    classifier = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(model), target)
     summary = scoring.ScoreSummary()
     batches = storage.iter_feature_batches(source)
     rows = storage.write_parquet(
         destination, storage.PREDICTIONS_SCHEMA, scoring.score_batches(classifier, batches, target, summary)
     )
-    storage.write_manifest(destination, rows=rows, score_accuracy=summary.accuracy)
+    key = _task_key("score_shard", {"model": str(model), "features": str(source), "device": device})
+    storage.write_manifest(destination, key, rows=rows, score_accuracy=summary.accuracy)
     return summary

@@ -15,7 +15,7 @@ from benchmarks import pipeline_calls
 from benchmarks.measure import REPO, HostLoad, memory_available_bytes, timed
 from benchmarks.report import Check, Figure, table
 from benchmarks.sizes import Sizes
-from featuresum.tasks import storage, training
+from featuresum.tasks import checkpoint, storage, training
 
 SEED = 0
 CPU = torch.device("cpu")
@@ -40,7 +40,7 @@ def _training_rows(sizes: Sizes, holdout: tuple[torch.Tensor, torch.Tensor]) -> 
     config = training.TrainConfig(seed=SEED)
     if sizes.scaling_epochs:
         config = training.TrainConfig(epochs=sizes.scaling_epochs, seed=SEED)
-    checkpoint = None
+    first_checkpoint = None
     for rows in sizes.scaling_train_rows:
         x, y = pipeline_calls.dataset_in_memory(SEED, "train", rows)
         state = training.new_training_state(config, math.ceil(rows / config.batch_size), CPU)
@@ -57,20 +57,20 @@ def _training_rows(sizes: Sizes, holdout: tuple[torch.Tensor, torch.Tensor]) -> 
                 f"{load.foreign_cores:.2f}",
             ]
         )
-        if checkpoint is None:
-            checkpoint = training.to_checkpoint(state, config, {})
+        if first_checkpoint is None:
+            first_checkpoint = training.to_checkpoint(state, config, {})
         del x, y, state
-    return rows_table, checkpoint
+    return rows_table, first_checkpoint
 
 
 def scaling(sizes: Sizes, workdir: Path) -> Figure:
     """Training rows vs time and held-out accuracy; scoring rows vs time, rows/s and peak RSS of the scorer."""
     with HostLoad() as load:
         holdout = pipeline_calls.dataset_in_memory(SEED, "holdout", sizes.scaling_holdout_rows)
-        train_table, checkpoint = _training_rows(sizes, holdout)
+        train_table, trained = _training_rows(sizes, holdout)
         del holdout
         model = workdir / "scaling-model.pt"
-        storage.save_checkpoint(model, checkpoint)
+        checkpoint.save_checkpoint(model, trained)
 
         idle = _score_in_child(model, None, None)
         score_table, peaks, skipped = [], {}, []

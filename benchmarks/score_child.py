@@ -29,9 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     if args.idle:
-        from featuresum.tasks import storage
+        from featuresum.tasks import checkpoint
 
-        storage.load_checkpoint(args.model)
+        checkpoint.load_checkpoint(args.model)
         rows, accuracy = 0, None
     elif args.bare:
         rows, accuracy = bare.score_parquet(bare.load_model(str(args.model)), str(args.input), str(args.output)), None

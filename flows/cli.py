@@ -434,10 +434,10 @@ def serve(
     refresh: Refresh = False,
 ) -> None:
     """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
-    from featuresum.flows.serve import cron_schedule, serve_pipeline
-
     options = dict(locals())
     del options["cron"], options["timezone"], options["name"]
+    from featuresum.flows.serve import cron_schedule, serve_pipeline
+
     when = cron_schedule(cron, timezone)
     # Absolute folders: runs execute in subprocesses and may be triggered from anywhere.
     options.update(data_dir=data_dir.resolve(), artifacts_dir=artifacts_dir.resolve())

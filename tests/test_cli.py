@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import run_json, small_run_args
+from test_checkpoint import Exploit
 
 from featuresum.tasks import data, storage
 
@@ -84,16 +85,6 @@ def test_score_zero_rows_gives_an_empty_predictions_file(cli, checkpoint, tmp_pa
     result, output = score(cli, checkpoint, tmp_path / "empty.parquet")
     assert result.returncode == 0, result.stderr
     assert pq.read_table(output).num_rows == 0
-
-
-class Exploit:
-    """Unpickling this would create a file: loading must refuse it without running it."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 def bad_inputs(tmp_path, checkpoint):

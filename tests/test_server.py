@@ -229,7 +229,12 @@ def serving(server, work: Path, name: str):
                 except ObjectNotFound:
                     return None
 
-            yield process, wait_until(deployment, 180, "the served deployment")
+            found = wait_until(deployment, 180, "the served deployment")
+            # The runner pauses the schedule on SIGTERM only once it polls (the deployment is then READY);
+            # a SIGTERM before that exits without pausing.
+            ready = lambda: client.read_deployment(found.id).status.value == "READY"  # noqa: E731
+            wait_until(ready, 60, "serve to poll for runs")
+            yield process, found
     finally:
         stop_process_group(process)
 
@@ -312,7 +317,7 @@ def test_stopping_serve_pauses_the_schedule(server, client, tmp_path):
         assert client.read_deployment(deployment.id).paused is False
         stop_process_group(process)
         assert process.returncode == 0
-    assert client.read_deployment(deployment.id).paused is True
+    wait_until(lambda: client.read_deployment(deployment.id).paused, 30, "the schedule to be paused")
 
 
 # --- Basic auth ------------------------------------------------------------------------------------

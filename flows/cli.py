@@ -252,17 +252,18 @@ def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_run
         _quiet_console_tracebacks()
         try:
             with tags("featuresum", f"cli-{flow_name}", f"seed-{parameters['seed']}"):
-                earlier = set(pipeline.TASK_RUNS)
+                earlier, recorded = set(pipeline.TASK_RUNS), {}
                 try:
                     state = flow(**parameters, return_state=True)
                 finally:
                     # Also after a failure or Ctrl-C: the UI should show every task run in its final state.
                     for flow_run_id in set(pipeline.TASK_RUNS) - earlier:
-                        _wait_for_task_runs(flow_run_id, pipeline.TASK_RUNS[flow_run_id])
+                        recorded[flow_run_id] = _wait_for_task_runs(flow_run_id, pipeline.TASK_RUNS[flow_run_id])
             summary = state.result()
         except (httpx.HTTPError, PrefectHTTPStatusError) as error:
             raise _api_failure(error, api_url) from None
-        summary["task_states"] = _wait_for_task_runs(summary["flow_run_id"], summary.pop("task_runs"))
+    del summary["task_runs"]
+    summary["task_states"] = recorded[summary["flow_run_id"]]
     summary["ui"] = f"{api_url.removesuffix('/api')}/runs/flow-run/{summary['flow_run_id']}"
     _report(summary, as_json)
 

@@ -1,0 +1,369 @@
+"""The model registry: every trained model as a numbered version, and aliases (`champion`) that point at one.
+
+It is one SQLite file in the artifacts folder, `registry.sqlite`, shared by every run and command that uses
+that folder, possibly from several processes at once. Each change is one `BEGIN IMMEDIATE` transaction, so
+writers queue on SQLite's lock (up to a minute) instead of reading a value another writer is about to change.
+Alias moves are never forgotten: each one is a row in the alias history, which is what a rollback reads.
+"""
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from featuresum.tasks.errors import InputError
+
+REGISTRY_FILE = "registry.sqlite"
+# Stamped in the file's header so a SQLite file of another program is refused rather than written to.
+APPLICATION_ID = 0x46535247  # "FSRG"
+SCHEMA_VERSION = 1
+LOCK_TIMEOUT_SECONDS = 60
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    checkpoint TEXT NOT NULL,
+    fingerprint TEXT NOT NULL UNIQUE,
+    run_date TEXT,
+    date_window TEXT,
+    config TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    flow_run_id TEXT,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL REFERENCES versions (version)
+);
+CREATE TABLE IF NOT EXISTS alias_history (
+    id INTEGER PRIMARY KEY,
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL REFERENCES versions (version),
+    previous INTEGER REFERENCES versions (version),
+    reason TEXT NOT NULL,
+    flow_run_id TEXT,
+    changed TEXT NOT NULL
+);
+"""
+# SQLite's answers for a file that is not a database, or one whose pages are damaged.
+UNREADABLE_ERRORS = {sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT}
+
+
+class _Any:
+    """The type of ANY: `set_alias(expected=ANY)` moves the alias whatever it points at now."""
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY = _Any()
+
+
+@dataclass(frozen=True)
+class Version:
+    """One registered model."""
+
+    version: int
+    checkpoint: str
+    fingerprint: str
+    run_date: str | None
+    window: dict | None
+    config: dict
+    metrics: dict
+    flow_run_id: str | None
+    created: str
+    aliases: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        """Every field, ready for JSON (aliases as a list)."""
+        return {**asdict(self), "aliases": list(self.aliases)}
+
+
+@dataclass(frozen=True)
+class AliasChange:
+    """One move of an alias, kept forever."""
+
+    alias: str
+    version: int
+    previous: int | None
+    reason: str
+    flow_run_id: str | None
+    changed: str
+
+    def as_dict(self) -> dict:
+        """Every field, ready for JSON."""
+        return asdict(self)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _change(row: sqlite3.Row) -> AliasChange:
+    return AliasChange(
+        alias=row["alias"],
+        version=row["version"],
+        previous=row["previous"],
+        reason=row["reason"],
+        flow_run_id=row["flow_run_id"],
+        changed=row["changed"],
+    )
+
+
+def _aliases_by_version(conn: sqlite3.Connection) -> dict[int, tuple[str, ...]]:
+    aliases: dict[int, tuple[str, ...]] = {}
+    for row in conn.execute("SELECT name, version FROM aliases ORDER BY name"):
+        aliases[row["version"]] = (*aliases.get(row["version"], ()), row["name"])
+    return aliases
+
+
+def _version(row: sqlite3.Row, aliases: dict[int, tuple[str, ...]]) -> Version:
+    window = row["date_window"]
+    return Version(
+        version=row["version"],
+        checkpoint=row["checkpoint"],
+        fingerprint=row["fingerprint"],
+        run_date=row["run_date"],
+        window=None if window is None else json.loads(window),
+        config=json.loads(row["config"]),
+        metrics=json.loads(row["metrics"]),
+        flow_run_id=row["flow_run_id"],
+        created=row["created"],
+        aliases=aliases.get(row["version"], ()),
+    )
+
+
+def _select_version(conn: sqlite3.Connection, where: str, value: object) -> Version | None:
+    row = conn.execute(f"SELECT * FROM versions WHERE {where} = ?", (value,)).fetchone()
+    return None if row is None else _version(row, _aliases_by_version(conn))
+
+
+def _alias_target(conn: sqlite3.Connection, name: str) -> int | None:
+    row = conn.execute("SELECT version FROM aliases WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row["version"]
+
+
+def _move_alias(
+    conn: sqlite3.Connection, name: str, version: int, previous: int | None, reason: str, flow_run_id: str | None
+) -> AliasChange:
+    change = AliasChange(name, version, previous, reason, flow_run_id, _now())
+    conn.execute(
+        "INSERT INTO aliases (name, version) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET version = excluded.version",
+        (name, version),
+    )
+    conn.execute(
+        "INSERT INTO alias_history (alias, version, previous, reason, flow_run_id, changed) VALUES (?, ?, ?, ?, ?, ?)",
+        (change.alias, change.version, change.previous, change.reason, change.flow_run_id, change.changed),
+    )
+    return change
+
+
+def _span(numbers: list[int]) -> str:
+    if not numbers:
+        return "no versions yet: train a model first"
+    if len(numbers) == 1:
+        return f"version {numbers[0]}"
+    return f"versions {numbers[0]} to {numbers[-1]}"
+
+
+class Registry:
+    """The registry of one artifacts folder; opens its file per call, so one instance is safe to share."""
+
+    def __init__(self, artifacts_dir: str | Path):
+        self._path = Path(artifacts_dir) / REGISTRY_FILE
+
+    @property
+    def path(self) -> Path:
+        """The registry file (it may not exist yet)."""
+        return self._path
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with closing(sqlite3.connect(self._path, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)) as conn:
+                conn.row_factory = sqlite3.Row
+                yield conn
+        except sqlite3.DatabaseError as exc:
+            if exc.sqlite_errorcode in UNREADABLE_ERRORS:
+                raise InputError(f"{self._path}: not a featuresum registry ({exc})") from exc
+            raise
+
+    def _has_schema(self, conn: sqlite3.Connection) -> bool:
+        """Whether the file holds our tables; False for a blank database; InputError for another program's."""
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        if application_id == APPLICATION_ID:
+            schema = conn.execute("PRAGMA user_version").fetchone()[0]
+            if schema > SCHEMA_VERSION:
+                raise InputError(
+                    f"{self._path}: not a featuresum registry (schema {schema} is newer than this featuresum's "
+                    f"{SCHEMA_VERSION}: upgrade featuresum)"
+                )
+            return True
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        if application_id != 0 or tables:
+            found = f"tables {', '.join(tables)}" if tables else "no tables"
+            raise InputError(f"{self._path}: not a featuresum registry (application id {application_id:#x}, {found})")
+        return False
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: the write lock is taken before the first read, so no read goes stale."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if not self._has_schema(conn):
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                # executescript would commit our transaction first; the statements run one by one instead.
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection | None]:
+        """One read transaction (a consistent view), or None when there is nothing yet; never creates the file."""
+        if not self._path.exists():
+            yield None
+            return
+        with self._connection() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn if self._has_schema(conn) else None
+            finally:
+                conn.execute("ROLLBACK")
+
+    def register(
+        self,
+        checkpoint: str,
+        fingerprint: str,
+        *,
+        config: dict,
+        metrics: dict,
+        run_date: str | None = None,
+        window: dict | None = None,
+        flow_run_id: str | None = None,
+    ) -> Version:
+        """Add a model as the next version; a fingerprint already registered returns its version unchanged."""
+        with self._write() as conn:
+            existing = _select_version(conn, "fingerprint", fingerprint)
+            if existing is not None:
+                return existing
+            conn.execute(
+                "INSERT INTO versions (checkpoint, fingerprint, run_date, date_window, config, metrics, flow_run_id,"
+                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    str(checkpoint),
+                    fingerprint,
+                    run_date,
+                    None if window is None else json.dumps(window, sort_keys=True),
+                    json.dumps(config, sort_keys=True),
+                    json.dumps(metrics, sort_keys=True),
+                    flow_run_id,
+                    _now(),
+                ),
+            )
+            return _select_version(conn, "fingerprint", fingerprint)
+
+    def versions(self) -> list[Version]:
+        """Every registered version, oldest first; [] when there is no registry file."""
+        with self._read() as conn:
+            if conn is None:
+                return []
+            aliases = _aliases_by_version(conn)
+            return [_version(row, aliases) for row in conn.execute("SELECT * FROM versions ORDER BY version")]
+
+    def get(self, version: int) -> Version:
+        """One version by number; InputError when it is not registered."""
+        with self._read() as conn:
+            found = None if conn is None else _select_version(conn, "version", version)
+        if found is None:
+            raise InputError(f"no model version {version} in {self._path}")
+        return found
+
+    def find(self, fingerprint: str) -> Version | None:
+        """The version registered with this checkpoint fingerprint, if any."""
+        with self._read() as conn:
+            return None if conn is None else _select_version(conn, "fingerprint", fingerprint)
+
+    def alias(self, name: str = "champion") -> Version | None:
+        """The version an alias points at, or None when the alias was never set."""
+        with self._read() as conn:
+            if conn is None:
+                return None
+            target = _alias_target(conn, name)
+            return None if target is None else _select_version(conn, "version", target)
+
+    def set_alias(
+        self,
+        version: int,
+        reason: str,
+        *,
+        flow_run_id: str | None = None,
+        name: str = "champion",
+        expected: int | None | object = ANY,
+    ) -> AliasChange | None:
+        """Point an alias at a version and record why; None (and no change) when it already points there.
+
+        With `expected` (a version number, or None for "not set yet") this is a compare-and-set: the alias
+        moves only if it points at `expected` now, and None is returned otherwise.
+        """
+        if not self._path.exists():  # fail before the write below would create an empty registry
+            raise InputError(f"no model version {version} in {self._path}")
+        with self._write() as conn:
+            if _select_version(conn, "version", version) is None:
+                raise InputError(f"no model version {version} in {self._path}")
+            current = _alias_target(conn, name)
+            if (expected is not ANY and current != expected) or current == version:
+                return None
+            return _move_alias(conn, name, version, current, reason, flow_run_id)
+
+    def history(self, name: str = "champion") -> list[AliasChange]:
+        """Every move of an alias, oldest first."""
+        with self._read() as conn:
+            if conn is None:
+                return []
+            rows = conn.execute("SELECT * FROM alias_history WHERE alias = ? ORDER BY id", (name,))
+            return [_change(row) for row in rows]
+
+    def rollback(
+        self, reason: str = "rolled back", *, flow_run_id: str | None = None, name: str = "champion"
+    ) -> AliasChange:
+        """Point an alias back at the version it pointed at before its latest move, and record that move."""
+        nothing_earlier = InputError(f"{self._path}: '{name}' has no earlier {name} to roll back to")
+        if not self._path.exists():
+            raise nothing_earlier
+        with self._write() as conn:
+            latest = conn.execute(
+                "SELECT * FROM alias_history WHERE alias = ? ORDER BY id DESC LIMIT 1", (name,)
+            ).fetchone()
+            if latest is None or latest["previous"] is None:
+                raise nothing_earlier
+            return _move_alias(conn, name, latest["previous"], latest["version"], reason, flow_run_id)
+
+    def resolve(self, reference: str) -> Version:
+        """A version by alias (`champion`) or by number ("3"); InputError saying what exists otherwise."""
+        reference = reference.strip()
+        with self._read() as conn:
+            if conn is None:
+                numbers, names = [], []
+            else:
+                numbers = [row[0] for row in conn.execute("SELECT version FROM versions ORDER BY version")]
+                names = [row[0] for row in conn.execute("SELECT name FROM aliases ORDER BY name")]
+            if reference.isdecimal() and int(reference) in numbers:
+                return _select_version(conn, "version", int(reference))
+            if reference in names:
+                return _select_version(conn, "version", _alias_target(conn, reference))
+        if reference.isdecimal():
+            raise InputError(f"no model version {int(reference)} in {self._path}: it holds {_span(numbers)}")
+        if not numbers:
+            raise InputError(f"no alias '{reference}' yet: train a model first")
+        aliases = f"aliases {', '.join(names)}" if names else "no aliases yet"
+        raise InputError(f"no alias '{reference}' in {self._path}: it holds {_span(numbers)} and {aliases}")

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from featuresum.flows import runtime
+from featuresum.flows.models import models_app
 from featuresum.flows.presets import PRESETS
 from featuresum.flows.server import server_app
 from featuresum.tasks.errors import EnvironmentFailure, InputError, Terminated
@@ -105,6 +106,13 @@ DaskAddress = Annotated[
 ]
 DaskWorkers = Annotated[
     int | None, typer.Option(min=1, help="Worker processes of the LocalCluster (default: one per core).")
+]
+MinImprovement = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="Held-out accuracy a new model must gain over the champion to replace it (the promotion gate).",
+    ),
 ]
 ShardRows = Annotated[int | None, typer.Option(min=1, help="Rows per scoring shard; each shard is one task run.")]
 
@@ -280,9 +288,11 @@ def _report(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))
         return
-    for key in ("train_data", "checkpoint", "score_input", "predictions", "ui"):
+    for key in ("train_data", "holdout_data", "checkpoint", "model_version", "score_input", "predictions", "ui"):
         if key in summary:
             print(f"{key:>12}: {summary[key]}")
+    if gate := summary.get("registry"):
+        print(f"{'champion':>12}: version {gate['champion_version']} ({gate['reason']})")
     for key, value in summary["metrics"].items():
         print(f"{key:>12}: {value:.4f}" if isinstance(value, float) else f"{key:>12}: {value}")
     for name, state in summary["task_states"].items():
@@ -325,6 +335,7 @@ def run(
     dask_address: DaskAddress = None,
     dask_workers: DaskWorkers = None,
     shard_rows: ShardRows = None,
+    min_improvement: MinImprovement = 0.0,
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -349,6 +360,7 @@ def train(
     data_dir: DataDir = Path("data"),
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,
+    min_improvement: MinImprovement = 0.0,
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -364,7 +376,12 @@ def train(
     help=f"Score a Parquet file (--input) or a fresh batch (--samples) with a checkpoint.\n\n{LOCAL_SERVER_HELP}"
 )
 def score(
-    model: Annotated[Path, typer.Option(help="Checkpoint written by `featuresum train` or `run`.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="A checkpoint file, or a registered model: `champion` or a version number (see `featuresum models`)."
+        ),
+    ],
     input: Annotated[Path | None, typer.Option(help="Parquet file of feature rows to score.")] = None,
     samples: Annotated[int | None, typer.Option(min=0, help="Score a fresh batch of this many rows.")] = None,
     output: Annotated[Path | None, typer.Option(help="Predictions file (default: under --artifacts-dir).")] = None,
@@ -381,7 +398,11 @@ def score(
 ) -> None:
     from featuresum.tasks import storage
     from featuresum.tasks.checkpoint import load_checkpoint
+    from featuresum.tasks.registry import Registry
 
+    model = Path(model)
+    if not model.exists() and (model.name == "champion" or model.name.isdigit()) and model.name == str(model):
+        model = Path(Registry(artifacts_dir).resolve(model.name).checkpoint)
     if (input is None) == (samples is None):
         raise typer.BadParameter("give exactly one of --input PARQUET or --samples N")
     for given in filter(None, (input, model)):
@@ -432,6 +453,7 @@ def serve(
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,
     shard_rows: ShardRows = None,
+    min_improvement: MinImprovement = 0.0,
     refresh: Refresh = False,
 ) -> None:
     """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
@@ -447,6 +469,7 @@ def serve(
 
 
 app.add_typer(server_app, name="server")
+app.add_typer(models_app, name="models")
 
 
 def _exit_code(error: BaseException) -> tuple[int, str | None]:

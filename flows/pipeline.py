@@ -10,9 +10,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task
 
 from featuresum.flows.presets import DEFAULT, SHARD_ROWS
-from featuresum.tasks import storage
+from featuresum.tasks import reports, storage
 from featuresum.tasks.errors import InputError
 from featuresum.tasks.prefect_tasks import (
+    evaluate_model,
     fingerprint_input,
     generate_dataset,
     score_shard,
@@ -20,6 +21,7 @@ from featuresum.tasks.prefect_tasks import (
     train_model,
     write_predictions,
 )
+from featuresum.tasks.registry import Registry
 from featuresum.tasks.training import TrainConfig, resolve_device
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -136,14 +138,63 @@ def _train(
     device: str,
     refresh: bool,
     states: dict,
-) -> tuple[dict, dict]:
-    """Generate the training and held-out sets, then train; returns (training data, checkpoint)."""
+) -> tuple[dict, dict, dict]:
+    """Generate the training and held-out sets, then train; returns (training data, held-out data, checkpoint)."""
     train = _generate("train", train_samples, config.seed, data_dir, refresh, states)
     # A different stream name gives the held-out rows a seed of their own.
     holdout = _generate("holdout", holdout_samples, config.seed, data_dir, refresh, states)
     parameters = {"train": _ref(train), "holdout": _ref(holdout), "config": asdict(config), "device": device}
     path = storage.output_path(Path(artifacts_dir).resolve(), "model", parameters, ".pt")
-    return train, _run_cached(train_model, path, refresh, states, **parameters)
+    return train, holdout, _run_cached(train_model, path, refresh, states, **parameters)
+
+
+def _gate(model: dict, holdout: dict, artifacts_dir: str, min_improvement: float, device: str, states: dict) -> dict:
+    """Register the trained model as a version; make it the champion when there is none or it is better.
+
+    The challenger's held-out accuracy is measured by training; the champion's on the same held-out
+    rows by a cached task. A concurrent run that moves the champion meanwhile makes the gate decide
+    again against the new champion (compare-and-set), so no promotion is lost or made blindly.
+    """
+    registry = Registry(Path(artifacts_dir).resolve())
+    run_id = str(flow_run.id)
+    challenger = registry.register(
+        model["path"], model["fingerprint"], config=model["config"], metrics=model["metrics"], flow_run_id=run_id
+    )
+    challenger_accuracy = model["metrics"]["val_accuracy"]
+    while True:
+        champion, champion_accuracy = registry.alias(), None
+        if champion is None:
+            promoted, reason = True, "first model: there was no champion"
+        elif champion.version == challenger.version:
+            promoted, reason, champion_accuracy = False, "the challenger is the champion already", challenger_accuracy
+        elif not Path(champion.checkpoint).is_file():
+            promoted, reason = True, f"the champion's checkpoint {champion.checkpoint} is gone"
+        else:
+            reference = {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
+            measured = _call(evaluate_model, states, model=reference, holdout=_ref(holdout), device=device)
+            champion_accuracy = measured["accuracy"]
+            promoted = challenger_accuracy >= champion_accuracy + min_improvement
+            comparison = ">=" if promoted else "<"
+            reason = (
+                f"held-out accuracy {challenger_accuracy:.4f} {comparison} champion's {champion_accuracy:.4f}"
+                f" + min improvement {min_improvement:g}"
+            )
+        expected = champion.version if champion else None
+        if not promoted or registry.set_alias(challenger.version, reason, flow_run_id=run_id, expected=expected):
+            break
+    now = registry.alias()
+    decision = {
+        "model_version": challenger.version,
+        "champion_version": now.version,
+        "previous_champion": champion.version if champion else None,
+        "promoted": promoted,
+        "challenger_accuracy": challenger_accuracy,
+        "champion_accuracy": champion_accuracy,
+        "reason": reason,
+    }
+    get_run_logger().info("Promotion gate: %s", decision)
+    reports.publish_promotion(decision)
+    return {**decision, "champion": {"path": now.checkpoint, "fingerprint": now.fingerprint}}
 
 
 def _summary(states: dict[str, str], **outputs: dict) -> dict[str, Any]:
@@ -161,6 +212,12 @@ def _summary(states: dict[str, str], **outputs: dict) -> dict[str, Any]:
     return summary
 
 
+def _registered(summary: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]:
+    """The summary with the trained model's version and the gate's decision, as `--json` reports them."""
+    registry = {key: gate[key] for key in ("champion_version", "promoted", "challenger_accuracy", "champion_accuracy")}
+    return {**summary, "model_version": gate["model_version"], "registry": {**registry, "reason": gate["reason"]}}
+
+
 @flow(name="featuresum-train", flow_run_name="train-seed{seed}-{train_samples}rows-{epochs}epochs")
 def train_flow(
     train_samples: int = DEFAULT.train_samples,
@@ -174,16 +231,19 @@ def train_flow(
     data_dir: str = "data",
     artifacts_dir: str = "artifacts",
     device: Device = "auto",
+    min_improvement: float = 0.0,
     refresh: bool = False,
 ) -> dict[str, Any]:
-    """Generate training and held-out data, train, checkpoint and evaluate the model."""
+    """Generate training and held-out data, train, checkpoint and evaluate the model, then gate it."""
     states = _task_runs()
     _sweep(data_dir, artifacts_dir)
     config = TrainConfig(epochs, batch_size, lr, weight_decay, schedule, seed)
-    train, model = _train(
-        train_samples, holdout_samples, config, data_dir, artifacts_dir, _device(device), refresh, states
+    device = _device(device)
+    train, holdout, model = _train(
+        train_samples, holdout_samples, config, data_dir, artifacts_dir, device, refresh, states
     )
-    return _summary(states, train_data=train, checkpoint=model)
+    gate = _gate(model, holdout, artifacts_dir, min_improvement, device, states)
+    return _registered(_summary(states, train_data=train, holdout_data=holdout, checkpoint=model), gate)
 
 
 def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:
@@ -221,7 +281,10 @@ def score_flow(
         features = _generate("score", rows, seed, data_dir, refresh, states)
     device = _device(device)
     predictions = _score(checkpoint, features, device, artifacts_dir, output, shard_rows, refresh, states)
-    return _summary(states, checkpoint=checkpoint, score_input=features, predictions=predictions)
+    summary = _summary(states, checkpoint=checkpoint, score_input=features, predictions=predictions)
+    if registered := Registry(Path(artifacts_dir).resolve()).find(checkpoint["fingerprint"]):
+        summary["model_version"] = registered.version
+    return summary
 
 
 @flow(
@@ -243,14 +306,20 @@ def pipeline_flow(
     artifacts_dir: str = "artifacts",
     device: Device = "auto",
     shard_rows: int = SHARD_ROWS,
+    min_improvement: float = 0.0,
     refresh: bool = False,
 ) -> dict[str, Any]:
-    """Generate data, train and checkpoint the model, then score a new batch to predictions Parquet."""
+    """Generate data, train and checkpoint a challenger, gate it, then score a new batch with the champion."""
     states = _task_runs()
     _sweep(data_dir, artifacts_dir)
     device = _device(device)
     config = TrainConfig(epochs, batch_size, lr, weight_decay, schedule, seed)
-    train, model = _train(train_samples, holdout_samples, config, data_dir, artifacts_dir, device, refresh, states)
+    train, holdout, model = _train(
+        train_samples, holdout_samples, config, data_dir, artifacts_dir, device, refresh, states
+    )
+    gate = _gate(model, holdout, artifacts_dir, min_improvement, device, states)
     batch = _generate("score", score_samples, seed, data_dir, refresh, states)
-    predictions = _score(model, batch, device, artifacts_dir, None, shard_rows, refresh, states)
-    return _summary(states, train_data=train, checkpoint=model, score_input=batch, predictions=predictions)
+    predictions = _score(gate["champion"], batch, device, artifacts_dir, None, shard_rows, refresh, states)
+    outputs = {"train_data": train, "holdout_data": holdout, "checkpoint": model, "score_input": batch}
+    summary = _summary(states, **outputs, predictions=predictions)
+    return {**_registered(summary, gate), "scored_with": gate["champion"]["path"]}

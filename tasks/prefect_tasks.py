@@ -263,3 +263,20 @@ def write_predictions(
         )
         _remove_parts(target)
         return manifest
+
+
+@task(
+    task_run_name="evaluate-model",
+    cache_key_fn=cache_key,
+    persist_result=True,
+    result_serializer="json",
+    retries=FILE_RETRIES.retries,
+    retry_delay_seconds=exponential_backoff(backoff_factor=FILE_RETRIES.backoff_seconds),
+    retry_condition_fn=is_transient,
+)
+def evaluate_model(model: dict[str, Any], holdout: dict[str, Any], device: str) -> dict[str, Any]:
+    """Accuracy of a checkpoint on held-out rows: how the promotion gate measures the champion."""
+    target = torch.device(device)
+    classifier = model_from_checkpoint(load_checkpoint(Path(model["path"])), target)
+    x, y = (t.to(target) for t in storage.read_dataset(Path(holdout["path"])))
+    return {"accuracy": training.accuracy(training.evaluate(classifier, x, y)), "rows": len(y)}

@@ -87,3 +87,27 @@ def publish_predictions(summary: ScoreSummary, predictions: str) -> None:
             for label, count in enumerate(summary.class_counts)
         ],
     )
+
+
+def publish_promotion(decision: dict[str, Any]) -> None:
+    """The promotion gate's decision: both accuracies on the same held-out rows, and why."""
+    create_table_artifact(
+        key="featuresum-promotion",
+        description=(
+            f"Challenger version {decision['model_version']} "
+            + ("promoted to champion" if decision["promoted"] else "not promoted")
+            + f"; the champion is version {decision['champion_version']}: {decision['reason']}"
+        ),
+        table=[
+            {
+                "model": "challenger",
+                "version": decision["model_version"],
+                "held_out_accuracy": _number(decision["challenger_accuracy"]),
+            },
+            {
+                "model": "champion before the gate",
+                "version": decision["previous_champion"],
+                "held_out_accuracy": _number(decision["champion_accuracy"]),
+            },
+        ],
+    )

@@ -32,6 +32,18 @@ def test_run_prints_one_json_object_and_a_clean_log(cli, tmp_path):
     assert sorted(forced["task_states"].values()) == ["Completed"] * 6
 
 
+def test_score_with_the_champion_or_a_version_number(cli, tmp_path):
+    trained = run_json(cli(*small_run_args(tmp_path), "--json"))
+    assert trained["model_version"] == 1 and trained["registry"]["champion_version"] == 1
+    artifacts = ["--artifacts-dir", str(tmp_path / "artifacts")]
+    for reference in ("champion", "1"):
+        scored = run_json(cli("score", "--model", reference, "--samples", "50", "--seed", "4", *artifacts, "--json"))
+        assert scored["checkpoint"] == trained["checkpoint"]
+        assert scored["model_version"] == 1
+    missing = cli("score", "--model", "7", "--samples", "5", *artifacts, check=False)
+    one_error_line(missing, "7")
+
+
 def test_train_command_reports_training_only(cli, tmp_path):
     args = small_run_args(tmp_path)
     args[0] = "train"

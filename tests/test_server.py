@@ -265,6 +265,7 @@ def test_serve_creates_the_cron_deployment(served):
         "data_dir": str(work / "data"),
         "artifacts_dir": str(work / "artifacts"),
         "device": "auto",
+        "min_improvement": 0.0,
         "refresh": False,
     }
 

@@ -1,0 +1,74 @@
+"""`featuresum models`: list, show, promote and roll back registered versions, without a Prefect server."""
+
+import json
+
+import pytest
+from test_cli_errors import featuresum, one_error_line
+
+from featuresum.tasks.registry import Registry
+
+FIELDS = {"version", "checkpoint", "run_date", "val_accuracy", "aliases", "created"}
+
+
+@pytest.fixture
+def registry(tmp_path, checkpoint):
+    registry = Registry(tmp_path / "artifacts")
+    for number, accuracy in ((1, 0.71), (2, 0.74)):
+        registry.register(
+            str(checkpoint), f"fingerprint-{number}", config={"epochs": number}, metrics={"val_accuracy": accuracy}
+        )
+    registry.set_alias(1, "first model: there was no champion")
+    return registry
+
+
+def models(capsys, registry, *args):
+    return featuresum(capsys, "models", *args, "--artifacts-dir", str(registry.path.parent))
+
+
+def test_list_prints_every_version_with_its_accuracy_and_aliases(capsys, registry):
+    code, out, _ = models(capsys, registry, "list", "--json")
+    assert code == 0
+    versions = json.loads(out)
+    assert [v["version"] for v in versions] == [1, 2]
+    assert [v["aliases"] for v in versions] == [["champion"], []]
+    assert [v["metrics"]["val_accuracy"] for v in versions] == [0.71, 0.74]
+
+    code, out, _ = models(capsys, registry, "list")
+    assert code == 0
+    assert "0.7100" in out and "champion" in out
+
+
+def test_list_json_has_the_documented_fields(capsys, registry):
+    _, out, _ = models(capsys, registry, "list", "--json")
+    for version in json.loads(out):
+        assert FIELDS <= set(version)
+        assert version["val_accuracy"] == version["metrics"]["val_accuracy"]
+
+
+def test_promote_then_rollback_keeps_the_history(capsys, registry):
+    code, out, _ = models(capsys, registry, "promote", "2", "--reason", "better on last week's rows")
+    assert code == 0 and "1 -> 2" in out
+    assert registry.alias().version == 2
+    code, out, _ = models(capsys, registry, "rollback")
+    assert code == 0 and "2 -> 1" in out
+    assert registry.alias().version == 1
+    code, out, _ = models(capsys, registry, "show", "champion")
+    shown = json.loads(out)
+    assert shown["version"] == 1
+    assert [(c["version"], c["reason"]) for c in shown["champion_history"]] == [
+        (1, "first model: there was no champion"),
+        (2, "better on last week's rows"),
+        (1, "rolled back by hand"),
+    ]
+
+
+@pytest.mark.parametrize(("args", "words"), [(["show", "7"], "7"), (["show", "best"], "best"), (["promote", "9"], "9")])
+def test_unknown_versions_are_one_line_and_exit_code_2(capsys, registry, args, words):
+    code, _, lines = models(capsys, registry, *args)
+    one_error_line(code, lines, 2, words)
+
+
+def test_an_empty_registry_says_how_to_fill_it(capsys, tmp_path):
+    code, out, _ = featuresum(capsys, "models", "list", "--artifacts-dir", str(tmp_path / "nothing"))
+    assert code == 0 and "featuresum run" in out
+    assert not (tmp_path / "nothing").exists()

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, date, datetime
 from enum import Enum, StrEnum
 from importlib.metadata import version
 from pathlib import Path
@@ -107,6 +108,38 @@ DaskAddress = Annotated[
 DaskWorkers = Annotated[
     int | None, typer.Option(min=1, help="Worker processes of the LocalCluster (default: one per core).")
 ]
+
+
+class InitChoice(StrEnum):
+    scratch = "scratch"
+    champion = "champion"
+
+
+def _iso_date(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date like 2026-11-28") from None
+
+
+RunDate = Annotated[
+    str | None,
+    typer.Option(
+        "--date",
+        callback=_iso_date,
+        help="The date the run processes (YYYY-MM-DD): its data and its model version. [default: today, UTC]",
+    ),
+]
+WindowDays = Annotated[
+    int, typer.Option(min=1, help="Train on the partitions of this many days up to --date (--train-samples in all).")
+]
+Drift = Annotated[
+    float,
+    typer.Option(help="Shift of every feature's mean per day since 2026-01-01 in the synthetic data (0: no drift)."),
+]
+InitOpt = Annotated[InitChoice, typer.Option(help="Start training from scratch, or from the champion's weights.")]
 MinImprovement = Annotated[
     float,
     typer.Option(
@@ -115,6 +148,10 @@ MinImprovement = Annotated[
     ),
 ]
 ShardRows = Annotated[int | None, typer.Option(min=1, help="Rows per scoring shard; each shard is one task run.")]
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()
 
 
 def flow_parameters(preset: Preset, **options: Any) -> dict[str, Any]:
@@ -328,6 +365,10 @@ def run(
     weight_decay: WeightDecay = None,
     schedule: ScheduleOpt = None,
     seed: Seed = 0,
+    run_date: RunDate = None,
+    window_days: WindowDays = 1,
+    drift: Drift = 0.0,
+    init: InitOpt = InitChoice.scratch,
     data_dir: DataDir = Path("data"),
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,
@@ -342,6 +383,7 @@ def run(
     options = dict(locals())
     task_runner = _task_runner(options.pop("runner"), options.pop("dask_address"), options.pop("dask_workers"))
     as_json = options.pop("json_output")
+    options["run_date"] = run_date or _today()
     prepare_folders(data_dir, artifacts_dir)
     _execute("run", flow_parameters(options.pop("preset"), **options), as_json, task_runner)
 
@@ -357,6 +399,10 @@ def train(
     weight_decay: WeightDecay = None,
     schedule: ScheduleOpt = None,
     seed: Seed = 0,
+    run_date: RunDate = None,
+    window_days: WindowDays = 1,
+    drift: Drift = 0.0,
+    init: InitOpt = InitChoice.scratch,
     data_dir: DataDir = Path("data"),
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,
@@ -366,6 +412,7 @@ def train(
 ) -> None:
     options = dict(locals())
     as_json = options.pop("json_output")
+    options["run_date"] = run_date or _today()
     prepare_folders(data_dir, artifacts_dir)
     parameters = flow_parameters(options.pop("preset"), **options)
     parameters.pop("score_samples")
@@ -386,6 +433,8 @@ def score(
     samples: Annotated[int | None, typer.Option(min=0, help="Score a fresh batch of this many rows.")] = None,
     output: Annotated[Path | None, typer.Option(help="Predictions file (default: under --artifacts-dir).")] = None,
     seed: Seed = 0,
+    run_date: RunDate = None,
+    drift: Drift = 0.0,
     data_dir: DataDir = Path("data"),
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,
@@ -421,6 +470,8 @@ def score(
         "input": str(input) if input else None,
         "samples": samples,
         "seed": seed,
+        "run_date": run_date or _today(),
+        "drift": drift,
         "output": str(output) if output else None,
         "data_dir": str(data_dir),
         "artifacts_dir": str(artifacts_dir),
@@ -449,6 +500,9 @@ def serve(
     weight_decay: WeightDecay = None,
     schedule: ScheduleOpt = None,
     seed: Seed = 0,
+    window_days: WindowDays = 1,
+    drift: Drift = 0.0,
+    init: InitOpt = InitChoice.scratch,
     data_dir: DataDir = Path("data"),
     artifacts_dir: ArtifactsDir = Path("artifacts"),
     device: DeviceOpt = DeviceChoice.auto,

@@ -1,6 +1,8 @@
 """The featuresum flows: train, score, and the whole pipeline that chains them."""
 
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,7 @@ from featuresum.tasks.training import TrainConfig, resolve_device
 
 Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["onecycle", "constant"]
+Init = Literal["scratch", "champion"]
 # Task runs started by each flow run of this process, {flow run id: {task run id: state name}}, so
 # the CLI can wait for every one of them to be recorded, including those of a failed run.
 TASK_RUNS: dict[str, dict[str, str]] = {}
@@ -68,10 +71,48 @@ def _ref(manifest: dict[str, Any]) -> dict[str, str]:
     return {"path": manifest["path"], "fingerprint": manifest["fingerprint"]}
 
 
-def _generate(stream: str, rows: int, seed: int, data_dir: str, refresh: bool, states: dict) -> dict:
-    spec = {"stream": stream, "rows": rows, "seed": seed}
-    path = storage.output_path(Path(data_dir).resolve(), stream, spec, ".parquet")
-    return _run_cached(generate_dataset, path, refresh, states, **spec)
+@dataclass(frozen=True)
+class Source:
+    """The synthetic source of a run's partitions: its seed, its drift per day, and the folder they go to."""
+
+    seed: int
+    drift: float
+    data_dir: str
+
+
+def _generate(stream: str, rows: int, day: date, source: Source, refresh: bool, states: dict) -> dict:
+    """One date's partition of a stream (cached: a date already generated is never generated again)."""
+    spec = {"stream": stream, "rows": rows, "seed": source.seed, "drift": source.drift}
+    path = storage.partition_path(Path(source.data_dir).resolve(), stream, spec, day)
+    return _run_cached(generate_dataset, path, refresh, states, **spec, day=day.isoformat())
+
+
+def run_day(run_date: str | None) -> date:
+    """The date a run processes: the one given, else the day (UTC) of the run's scheduled start.
+
+    A scheduled run that starts late or is retried still processes the date it was scheduled for.
+    """
+    if run_date:
+        return date.fromisoformat(run_date)
+    return flow_run.scheduled_start_time.astimezone(UTC).date()
+
+
+def _run_name(kind: str) -> Callable[[], str]:
+    """A flow run name with the run's date, for the UI's list of runs."""
+
+    def name() -> str:
+        parameters = flow_run.parameters
+        return f"{kind}-{run_day(parameters.get('run_date'))}-seed{parameters.get('seed', 0)}"
+
+    return name
+
+
+def _tag_date(day: date) -> None:
+    """Add the run's date to its tags, so the UI can filter runs by the date they processed."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, f"date-{day}"])
 
 
 def _score(
@@ -129,26 +170,70 @@ def _device(requested: str) -> str:
     return device
 
 
+@dataclass(frozen=True)
+class Window:
+    """The rows a run trains and is judged on: `train_samples` over the last `days` partitions up to `day`."""
+
+    day: date
+    days: int
+    train_samples: int
+    holdout_samples: int
+
+    def dates(self) -> list[date]:
+        """The window's dates, oldest first."""
+        return [self.day - timedelta(days=back) for back in reversed(range(self.days))]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The window as the registry records it."""
+        return {"from": self.dates()[0].isoformat(), "to": self.day.isoformat(), "days": self.days}
+
+
 def _train(
-    train_samples: int,
-    holdout_samples: int,
+    window: Window,
+    source: Source,
     config: TrainConfig,
-    data_dir: str,
     artifacts_dir: str,
     device: str,
+    init: str,
     refresh: bool,
     states: dict,
 ) -> tuple[dict, dict, dict]:
-    """Generate the training and held-out sets, then train; returns (training data, held-out data, checkpoint)."""
-    train = _generate("train", train_samples, config.seed, data_dir, refresh, states)
-    # A different stream name gives the held-out rows a seed of their own.
-    holdout = _generate("holdout", holdout_samples, config.seed, data_dir, refresh, states)
-    parameters = {"train": _ref(train), "holdout": _ref(holdout), "config": asdict(config), "device": device}
+    """Generate the window's training partitions and the date's held-out rows, then train a challenger.
+
+    Returns (training data, held-out data, checkpoint). Each date holds an equal share of the
+    training rows, so moving the window by a day generates one new partition and reuses the rest.
+    """
+    per_day = max(1, window.train_samples // window.days)
+    train = [_generate("train", per_day, day, source, refresh, states) for day in window.dates()]
+    # Streams of their own give the held-out rows (and the batch to score) seeds of their own.
+    holdout = _generate("holdout", window.holdout_samples, window.day, source, refresh, states)
+    parameters = {
+        "train": [_ref(part) for part in train],
+        "holdout": _ref(holdout),
+        "config": asdict(config),
+        "device": device,
+        "init": _initial_weights(init, artifacts_dir),
+    }
     path = storage.output_path(Path(artifacts_dir).resolve(), "model", parameters, ".pt")
-    return train, holdout, _run_cached(train_model, path, refresh, states, **parameters)
+    model = _run_cached(train_model, path, refresh, states, **parameters)
+    dataset = {"path": str(Path(train[-1]["path"]).parents[1]), "rows": sum(part["rows"] for part in train)}
+    return dataset, holdout, model
 
 
-def _gate(model: dict, holdout: dict, artifacts_dir: str, min_improvement: float, device: str, states: dict) -> dict:
+def _initial_weights(init: str, artifacts_dir: str) -> dict[str, str] | None:
+    """The champion's checkpoint to start from with init="champion" (None from scratch, or with no champion yet)."""
+    if init == "scratch":
+        return None
+    champion = Registry(Path(artifacts_dir).resolve()).alias()
+    if champion is None or not Path(champion.checkpoint).is_file():
+        get_run_logger().info("No champion to start from yet: training from scratch")
+        return None
+    return {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
+
+
+def _gate(
+    model: dict, holdout: dict, window: Window, artifacts_dir: str, min_improvement: float, device: str, states: dict
+) -> dict:
     """Register the trained model as a version; make it the champion when there is none or it is better.
 
     The challenger's held-out accuracy is measured by training; the champion's on the same held-out
@@ -158,7 +243,13 @@ def _gate(model: dict, holdout: dict, artifacts_dir: str, min_improvement: float
     registry = Registry(Path(artifacts_dir).resolve())
     run_id = str(flow_run.id)
     challenger = registry.register(
-        model["path"], model["fingerprint"], config=model["config"], metrics=model["metrics"], flow_run_id=run_id
+        model["path"],
+        model["fingerprint"],
+        config=model["config"],
+        metrics=model["metrics"],
+        run_date=window.day.isoformat(),
+        window=window.as_dict(),
+        flow_run_id=run_id,
     )
     challenger_accuracy = model["metrics"]["val_accuracy"]
     while True:
@@ -218,34 +309,6 @@ def _registered(summary: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]
     return {**summary, "model_version": gate["model_version"], "registry": {**registry, "reason": gate["reason"]}}
 
 
-@flow(name="featuresum-train", flow_run_name="train-seed{seed}-{train_samples}rows-{epochs}epochs")
-def train_flow(
-    train_samples: int = DEFAULT.train_samples,
-    holdout_samples: int = DEFAULT.holdout_samples,
-    epochs: int = DEFAULT.epochs,
-    batch_size: int = DEFAULT.batch_size,
-    lr: float = DEFAULT.lr,
-    weight_decay: float = DEFAULT.weight_decay,
-    schedule: Schedule = DEFAULT.schedule,
-    seed: int = 0,
-    data_dir: str = "data",
-    artifacts_dir: str = "artifacts",
-    device: Device = "auto",
-    min_improvement: float = 0.0,
-    refresh: bool = False,
-) -> dict[str, Any]:
-    """Generate training and held-out data, train, checkpoint and evaluate the model, then gate it."""
-    states = _task_runs()
-    _sweep(data_dir, artifacts_dir)
-    config = TrainConfig(epochs, batch_size, lr, weight_decay, schedule, seed)
-    device = _device(device)
-    train, holdout, model = _train(
-        train_samples, holdout_samples, config, data_dir, artifacts_dir, device, refresh, states
-    )
-    gate = _gate(model, holdout, artifacts_dir, min_improvement, device, states)
-    return _registered(_summary(states, train_data=train, holdout_data=holdout, checkpoint=model), gate)
-
-
 def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:
     """An output that is one of the run's own inputs would destroy it: refuse before anything runs."""
     if output is None:
@@ -255,12 +318,55 @@ def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:
             raise InputError(f"{output}: the output would overwrite an input of this run; choose another --output")
 
 
-@flow(name="featuresum-score", flow_run_name="score-seed{seed}", task_runner=IN_PROCESS)
+def _begin(run_date: str | None, *folders: str) -> date:
+    """What every flow does first: find its date, tag the run with it, sweep leftovers of killed runs."""
+    day = run_day(run_date)
+    _tag_date(day)
+    _sweep(*folders)
+    return day
+
+
+@flow(name="featuresum-train", flow_run_name=_run_name("train"))
+def train_flow(
+    train_samples: int = DEFAULT.train_samples,
+    holdout_samples: int = DEFAULT.holdout_samples,
+    epochs: int = DEFAULT.epochs,
+    batch_size: int = DEFAULT.batch_size,
+    lr: float = DEFAULT.lr,
+    weight_decay: float = DEFAULT.weight_decay,
+    schedule: Schedule = DEFAULT.schedule,
+    seed: int = 0,
+    run_date: str | None = None,
+    window_days: int = 1,
+    drift: float = 0.0,
+    init: Init = "scratch",
+    data_dir: str = "data",
+    artifacts_dir: str = "artifacts",
+    device: Device = "auto",
+    min_improvement: float = 0.0,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Train a challenger on the run date's window of partitions, checkpoint and evaluate it, then gate it."""
+    states = _task_runs()
+    day = _begin(run_date, data_dir, artifacts_dir)
+    device = _device(device)
+    window = Window(day, window_days, train_samples, holdout_samples)
+    config = TrainConfig(epochs, batch_size, lr, weight_decay, schedule, seed)
+    source = Source(seed, drift, data_dir)
+    train, holdout, model = _train(window, source, config, artifacts_dir, device, init, refresh, states)
+    gate = _gate(model, holdout, window, artifacts_dir, min_improvement, device, states)
+    summary = _summary(states, train_data=train, holdout_data=holdout, checkpoint=model)
+    return {**_registered(summary, gate), "run_date": day.isoformat()}
+
+
+@flow(name="featuresum-score", flow_run_name=_run_name("score"), task_runner=IN_PROCESS)
 def score_flow(
     model: str,
     input: str | None = None,
     samples: int | None = None,
     seed: int = 0,
+    run_date: str | None = None,
+    drift: float = 0.0,
     output: str | None = None,
     data_dir: str = "data",
     artifacts_dir: str = "artifacts",
@@ -268,17 +374,17 @@ def score_flow(
     shard_rows: int = SHARD_ROWS,
     refresh: bool = False,
 ) -> dict[str, Any]:
-    """Score a Parquet file, or a freshly generated batch of `samples` rows, with a checkpoint."""
+    """Score a Parquet file, or the synthetic batch of `samples` rows of the run date, with a checkpoint."""
     states = _task_runs()
     _refuse_overwriting_inputs(output, model, input)
-    _sweep(data_dir, artifacts_dir)
+    day = _begin(run_date, data_dir, artifacts_dir)
     fingerprint = fingerprint_input.with_options(refresh_cache=refresh)
     checkpoint = _call(fingerprint, states, path=str(Path(model).resolve()))
     if input is not None:
         features = _call(fingerprint, states, path=str(Path(input).resolve()))
     else:
         rows = DEFAULT.score_samples if samples is None else samples
-        features = _generate("score", rows, seed, data_dir, refresh, states)
+        features = _generate("score", rows, day, Source(seed, drift, data_dir), refresh, states)
     device = _device(device)
     predictions = _score(checkpoint, features, device, artifacts_dir, output, shard_rows, refresh, states)
     summary = _summary(states, checkpoint=checkpoint, score_input=features, predictions=predictions)
@@ -287,11 +393,7 @@ def score_flow(
     return summary
 
 
-@flow(
-    name="featuresum-pipeline",
-    flow_run_name="pipeline-seed{seed}-train{train_samples}-score{score_samples}",
-    task_runner=IN_PROCESS,
-)
+@flow(name="featuresum-pipeline", flow_run_name=_run_name("pipeline"), task_runner=IN_PROCESS)
 def pipeline_flow(
     train_samples: int = DEFAULT.train_samples,
     holdout_samples: int = DEFAULT.holdout_samples,
@@ -302,6 +404,10 @@ def pipeline_flow(
     weight_decay: float = DEFAULT.weight_decay,
     schedule: Schedule = DEFAULT.schedule,
     seed: int = 0,
+    run_date: str | None = None,
+    window_days: int = 1,
+    drift: float = 0.0,
+    init: Init = "scratch",
     data_dir: str = "data",
     artifacts_dir: str = "artifacts",
     device: Device = "auto",
@@ -309,17 +415,17 @@ def pipeline_flow(
     min_improvement: float = 0.0,
     refresh: bool = False,
 ) -> dict[str, Any]:
-    """Generate data, train and checkpoint a challenger, gate it, then score a new batch with the champion."""
+    """Train a challenger on the run date's data, gate it, then score the date's batch with the champion."""
     states = _task_runs()
-    _sweep(data_dir, artifacts_dir)
+    day = _begin(run_date, data_dir, artifacts_dir)
     device = _device(device)
+    window = Window(day, window_days, train_samples, holdout_samples)
     config = TrainConfig(epochs, batch_size, lr, weight_decay, schedule, seed)
-    train, holdout, model = _train(
-        train_samples, holdout_samples, config, data_dir, artifacts_dir, device, refresh, states
-    )
-    gate = _gate(model, holdout, artifacts_dir, min_improvement, device, states)
-    batch = _generate("score", score_samples, seed, data_dir, refresh, states)
+    source = Source(seed, drift, data_dir)
+    train, holdout, model = _train(window, source, config, artifacts_dir, device, init, refresh, states)
+    gate = _gate(model, holdout, window, artifacts_dir, min_improvement, device, states)
+    batch = _generate("score", score_samples, day, source, refresh, states)
     predictions = _score(gate["champion"], batch, device, artifacts_dir, None, shard_rows, refresh, states)
     outputs = {"train_data": train, "holdout_data": holdout, "checkpoint": model, "score_input": batch}
     summary = _summary(states, **outputs, predictions=predictions)
-    return {**_registered(summary, gate), "scored_with": gate["champion"]["path"]}
+    return {**_registered(summary, gate), "run_date": day.isoformat(), "scored_with": gate["champion"]["path"]}

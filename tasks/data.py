@@ -3,6 +3,7 @@
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 
 import numpy as np
 import torch
@@ -11,6 +12,9 @@ NUM_FEATURES = 784
 # Upper bounds of classes 0..8, exactly as the original script; class 9 is sum >= 30.
 CLASS_BOUNDARIES = (-10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0)
 NUM_CLASSES = len(CLASS_BOUNDARIES) + 1
+# The day the synthetic source starts drifting from: `drift` shifts every feature's mean by that much
+# per day after it (and before it, the other way), so the seed's distribution is this day's.
+REFERENCE_DATE = date(2026, 1, 1)
 # Rows are drawn in fixed-size shards, each from its own seed, so a shard can be made
 # anywhere (another process, another machine) and the bytes stay the same.
 SHARD_ROWS = 32_768
@@ -38,11 +42,19 @@ class Shard:
     label: torch.Tensor
 
 
-def generate_shard(seed: int, stream: str, index: int, rows: int) -> Shard:
-    """Rows index*SHARD_ROWS .. +rows of the dataset named by (seed, stream)."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, stream, index))
+def feature_mean(day: date | None, drift: float) -> float:
+    """The mean of every feature on `day`: `drift` per day since REFERENCE_DATE (0 for undated data)."""
+    return 0.0 if day is None else drift * (day - REFERENCE_DATE).days
+
+
+def generate_shard(seed: int, stream: str, index: int, rows: int, day: date | None = None, drift: float = 0.0) -> Shard:
+    """Rows index*SHARD_ROWS .. +rows of the dataset named by (seed, stream), or of its partition for `day`."""
+    parts = (seed, stream, index) if day is None else (seed, stream, day.isoformat(), index)
+    generator = torch.Generator().manual_seed(derive_seed(*parts))
     # Column-major draws let each feature column go to Parquet without a transpose.
     features = torch.randn(NUM_FEATURES, rows, generator=generator)
+    if mean := feature_mean(day, drift):
+        features += mean
     # numpy reduces down columns in float64 several times faster than torch does here.
     feature_sum = torch.from_numpy(np.add.reduce(features.numpy(), axis=0, dtype=np.float64))
     start = index * SHARD_ROWS
@@ -60,7 +72,7 @@ def shard_sizes(rows: int) -> list[int]:
     return [SHARD_ROWS] * full + ([rest] if rest else [])
 
 
-def generate_dataset(seed: int, stream: str, rows: int) -> Iterator[Shard]:
-    """All shards of a dataset, in order; the same (seed, stream, rows) gives the same rows."""
+def generate_dataset(seed: int, stream: str, rows: int, day: date | None = None, drift: float = 0.0) -> Iterator[Shard]:
+    """All shards of a dataset (or of its partition for `day`), in order; the same arguments give the same rows."""
     for index, size in enumerate(shard_sizes(rows)):
-        yield generate_shard(seed, stream, index, size)
+        yield generate_shard(seed, stream, index, size, day, drift)

@@ -8,6 +8,7 @@ returns the file's manifest unchanged if an identical run already wrote it.
 import errno
 import shutil
 from dataclasses import asdict, dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +108,20 @@ def _reuse(path: Path, key: str) -> dict[str, Any] | None:
     return manifest
 
 
-@file_task(task_run_name="generate-{stream}-{rows}rows-seed{seed}")
-def generate_dataset(stream: str, rows: int, seed: int, path: str) -> dict[str, Any]:
-    """Generate a labelled synthetic dataset and write it to Parquet."""
+@file_task(task_run_name="generate-{stream}-{day}-{rows}rows-seed{seed}")
+def generate_dataset(stream: str, rows: int, seed: int, day: str, drift: float, path: str) -> dict[str, Any]:
+    """Generate one date's partition of a labelled synthetic dataset and write it to Parquet."""
     target, key = Path(path), _own_key()
     with storage.exclusive(target):
         if done := _reuse(target, key):
             return done
-        get_run_logger().info("Generating %d %s rows (seed %d) into %s", rows, stream, seed, path)
-        shards = map(storage.shard_to_batch, data.generate_dataset(seed, stream, rows))
-        written = storage.write_parquet(target, storage.DATASET_SCHEMA, shards)
-        # The file is a pure function of its specification, which its name already hashes.
-        spec = {"stream": stream, "rows": rows, "seed": seed, "code": storage.code_version()}
-        return storage.write_manifest(target, key, content_key=storage.spec_key(spec), rows=written)
+        get_run_logger().info("Generating %d %s rows for %s (seed %d) into %s", rows, stream, day, seed, path)
+        shards = data.generate_dataset(seed, stream, rows, date.fromisoformat(day), drift)
+        written = storage.write_parquet(target, storage.DATASET_SCHEMA, map(storage.shard_to_batch, shards))
+        # The file is a pure function of its specification, which its path already hashes.
+        spec = {"stream": stream, "rows": rows, "seed": seed, "day": day, "drift": drift}
+        spec["code"] = storage.code_version()
+        return storage.write_manifest(target, key, content_key=storage.spec_key(spec), rows=written, date=day)
 
 
 def identity_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -150,23 +152,42 @@ def fingerprint_input(path: str) -> dict[str, Any]:
 
 @file_task(task_run_name="train-model-{config[epochs]}epochs-seed{config[seed]}")
 def train_model(
-    train: dict[str, Any], holdout: dict[str, Any], config: dict[str, Any], device: str, path: str
+    train: list[dict[str, Any]],
+    holdout: dict[str, Any],
+    config: dict[str, Any],
+    device: str,
+    path: str,
+    init: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train the classifier, checkpointing every epoch so a killed or retried run resumes."""
+    """Train the classifier on the window's partitions, checkpointing every epoch so a killed or retried run resumes.
+
+    With `init` (a checkpoint's path and fingerprint), training starts from that model's weights.
+    """
     target, key = Path(path), _own_key()
     with storage.exclusive(target):
-        return _reuse(target, key) or _train(train, holdout, training.TrainConfig(**config), device, target, key)
+        if done := _reuse(target, key):
+            return done
+        return _train(train, holdout, training.TrainConfig(**config), device, target, key, init)
 
 
 def _train(
-    train: dict[str, Any], holdout: dict[str, Any], settings: training.TrainConfig, device: str, path: Path, key: str
+    train: list[dict[str, Any]],
+    holdout: dict[str, Any],
+    settings: training.TrainConfig,
+    device: str,
+    path: Path,
+    key: str,
+    init: dict[str, Any] | None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
     target = torch.device(device)
-    x, y = (t.to(target) for t in storage.read_dataset(Path(train["path"])))
+    x, y = (t.to(target) for t in storage.read_dataset([Path(part["path"]) for part in train]))
     holdout_data = tuple(t.to(target) for t in storage.read_dataset(Path(holdout["path"])))
     steps = -(-len(x) // settings.batch_size)
     state = training.new_training_state(settings, steps, target)
+    if init is not None:
+        state.model.load_state_dict(load_checkpoint(Path(init["path"]))["model"])
+        logger.info("Starting from the weights of %s", init["path"])
     partial = storage.partial_checkpoint_path(path)
     if partial.exists():
         try:
@@ -177,7 +198,11 @@ def _train(
             state = training.new_training_state(settings, steps, target)
     start_epoch = state.epoch
     progress = create_progress_artifact(progress=100 * start_epoch / settings.epochs, description="Training")
-    provenance = {"data_fingerprint": train["fingerprint"], "holdout_fingerprint": holdout["fingerprint"]}
+    provenance = {
+        "data_fingerprint": storage.spec_key({"partitions": [part["fingerprint"] for part in train]}),
+        "holdout_fingerprint": holdout["fingerprint"],
+        "init_fingerprint": init["fingerprint"] if init else None,
+    }
 
     def on_epoch(state: training.TrainingState) -> None:
         save_checkpoint(partial, training.to_checkpoint(state, settings, provenance))

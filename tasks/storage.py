@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import date
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,15 @@ def spec_key(spec: dict[str, Any]) -> str:
 def output_path(directory: str | Path, kind: str, spec: dict[str, Any], suffix: str) -> Path:
     """Content-addressed path: two different specifications never share a file."""
     return Path(directory) / f"{kind}-{spec_key(spec)[:16]}{suffix}"
+
+
+def partition_path(directory: str | Path, stream: str, spec: dict[str, Any], day: date) -> Path:
+    """Hive-style partition of a dated dataset: `<directory>/<stream>-<key>/date=YYYY-MM-DD/part-0.parquet`.
+
+    The key covers the specification but not the date, so one folder holds every date of a
+    dataset, which pyarrow.dataset and pandas read as one table with a `date` column.
+    """
+    return Path(directory) / f"{stream}-{spec_key(spec)[:16]}" / f"date={day.isoformat()}" / "part-0.parquet"
 
 
 def partial_checkpoint_path(checkpoint: Path) -> Path:
@@ -156,8 +166,9 @@ def fingerprint(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _manifest_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
+def manifest_path(path: Path) -> Path:
+    """The manifest beside an output: a dotfile, so dataset readers (pyarrow, pandas) skip it."""
+    return path.with_name(f".{path.name}.json")
 
 
 def identity(path: Path) -> dict[str, int]:
@@ -181,7 +192,7 @@ def write_manifest(path: Path, key: str, content_key: str | None = None, **metad
         **identity(path),
         **metadata,
     }
-    write_json(_manifest_path(path), manifest)
+    write_json(manifest_path(path), manifest)
     return manifest
 
 
@@ -192,7 +203,7 @@ def read_manifest(path: Path, key: str) -> dict[str, Any] | None:
     replaced since, or when another run (other inputs or settings, same path) wrote it.
     """
     try:
-        manifest = json.loads(_manifest_path(path).read_text())
+        manifest = json.loads(manifest_path(path).read_text())
         current = identity(path)
     except (OSError, ValueError):
         return None
@@ -322,19 +333,21 @@ def iter_parquet_batches(paths: Iterable[str | Path]) -> Iterator[pa.RecordBatch
         yield from pq.ParquetFile(path).iter_batches()
 
 
-def read_dataset(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a labelled feature file whole, as (features (rows, 784) float32, labels int64)."""
-    rows = open_features(path).metadata.num_rows
+def read_dataset(paths: Path | list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load labelled feature files whole, one after another, as (features (rows, 784) float32, labels int64)."""
+    paths = [paths] if isinstance(paths, Path) else paths
+    rows = sum(open_features(path).metadata.num_rows for path in paths)
     features = np.empty((rows, NUM_FEATURES), dtype=np.float32)
     labels = np.empty(rows, dtype=np.int64)
     start = 0
-    for _, block, label in iter_feature_batches(path):
-        if label is None:
-            raise InputError(f"{path}: a training or held-out file needs a label column")
-        end = start + block.shape[1]
-        features[start:end] = block.T
-        labels[start:end] = label
-        start = end
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise InputError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}")
+    for path in paths:
+        for _, block, label in iter_feature_batches(path):
+            if label is None:
+                raise InputError(f"{path}: a training or held-out file needs a label column")
+            end = start + block.shape[1]
+            features[start:end] = block.T
+            labels[start:end] = label
+            start = end
+        if labels[:start].size and (labels[:start].min() < 0 or labels[:start].max() >= NUM_CLASSES):
+            raise InputError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}")
     return torch.from_numpy(features), torch.from_numpy(labels)

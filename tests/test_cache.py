@@ -103,7 +103,7 @@ def test_an_output_replaced_by_another_valid_output_is_recomputed(first_run, tmp
     assert theirs.read_bytes() != original
     # The other run's file moves in together with its own manifest: both look intact on their own.
     os.replace(theirs, ours)
-    os.replace(theirs.with_name(theirs.name + ".json"), ours.with_name(ours.name + ".json"))
+    os.replace(storage.manifest_path(theirs), storage.manifest_path(ours))
 
     again = run_pipeline(tmp_path)
     assert by_task(again, "write-predictions") == ["Completed"]

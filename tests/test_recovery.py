@@ -156,7 +156,7 @@ def test_concurrent_runs_identical_or_not_all_succeed(cli, tmp_path):
         assert summaries[2][key] != summaries[0][key]
     for summary in summaries:
         predictions = Path(summary["predictions"])
-        manifest = json.loads(predictions.with_name(predictions.name + ".json").read_text())
+        manifest = json.loads(storage.manifest_path(predictions).read_text())
         assert storage.is_intact(predictions, manifest["key"])
         scored = pq.read_table(predictions)
         batch = pq.read_table(summary["score_input"], columns=["sample_id"])

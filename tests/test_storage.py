@@ -35,14 +35,14 @@ def test_a_file_replaced_with_its_manifest_by_another_valid_output_is_not_taken_
     storage.write_manifest(ours, key="key-a")
     storage.write_manifest(theirs, key="key-b")
     os.replace(theirs, ours)
-    os.replace(tmp_path / "theirs.bin.json", tmp_path / "ours.bin.json")
+    os.replace(storage.manifest_path(theirs), storage.manifest_path(ours))
     assert not storage.is_intact(ours, "key-a")
 
 
 def test_a_deleted_file_or_manifest_is_not_intact(tmp_path):
     path = write_file(tmp_path / "out.bin")
     storage.write_manifest(path, key="k")
-    (tmp_path / "out.bin.json").unlink()
+    storage.manifest_path(path).unlink()
     assert not storage.is_intact(path, "k")
     storage.write_manifest(path, key="k")
     path.unlink()

@@ -18,12 +18,22 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import cli_runs, cli_scoring, scaling, sharded, throughput
+from benchmarks import cli_runs, cli_scoring, retraining, scaling, sharded, throughput
 from benchmarks.measure import REPO, machine, source_state
 from benchmarks.report import Figure, render
 from benchmarks.sizes import FULL, QUICK
 
-ALL = ("generation", "training", "scoring", "end-to-end", "scaling", "quality", "sharded", "cli-scoring")
+ALL = (
+    "generation",
+    "training",
+    "scoring",
+    "end-to-end",
+    "scaling",
+    "quality",
+    "sharded",
+    "cli-scoring",
+    "retraining",
+)
 # Quick mode leaves out the figures that run whole `featuresum` commands against a local server
 # (its first start alone takes 10-30 s); name them with --only to include them.
 QUICK_DEFAULT = ("generation", "training", "scoring", "scaling")
@@ -48,7 +58,9 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
     sizes = QUICK if quick else FULL
     figures: list[Figure] = []
     cli = (
-        cli_runs.LocalPrefect(workdir) if {"end-to-end", "quality", "sharded", "cli-scoring"} & set(selected) else None
+        cli_runs.LocalPrefect(workdir)
+        if {"end-to-end", "quality", "sharded", "cli-scoring", "retraining"} & set(selected)
+        else None
     )
     end_to_end_metrics: list[dict] = []
 
@@ -66,6 +78,7 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
         "quality": lambda: cli_runs.model_quality(sizes, cli, end_to_end_metrics),
         "sharded": lambda: sharded.sharded_scoring(sizes, cli),
         "cli-scoring": lambda: cli_scoring.cli_scoring(sizes, cli),
+        "retraining": lambda: retraining.retraining(sizes, cli),
     }
     try:
         for name in ALL:

@@ -179,7 +179,7 @@ def test_ui_shows_no_runs_without_logging_in(server, finished_run, fresh_browser
         text = fresh_browser.wait_for_text("Authentication failed")
     finally:
         fresh_browser.screenshot(tmp_path / "refused.png")
-    assert "pipeline-seed0" not in text
+    assert f"pipeline-{finished_run['run_date']}" not in text
     fresh_browser.open(f"{server.url}/")
     fresh_browser.wait_for_text("Login")
     assert "/login" in fresh_browser.location()

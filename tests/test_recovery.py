@@ -43,7 +43,7 @@ def test_transient_write_failure_is_retried(prefect, tmp_path, monkeypatch):
     summary = pipeline_flow(**SMALL, data_dir=str(tmp_path / "d"), artifacts_dir=str(tmp_path / "a"))
     assert len(failures) == 1
     runs = task_runs(summary["flow_run_id"])
-    assert runs[f"generate-train-{SMALL['train_samples']}rows-seed0"].run_count == 2
+    assert runs[f"generate-train-{summary['run_date']}-{SMALL['train_samples']}rows-seed0"].run_count == 2
     assert {run.state.name for run in runs.values()} == {"Completed"}
     assert not list((tmp_path / "d").glob(".*.tmp"))
 
@@ -104,12 +104,12 @@ def test_killed_training_resumes_from_its_last_epoch(cli, tmp_path):
     process = subprocess.Popen(command, env=cli.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # First kill: while the training set is being written, before it is renamed into place.
-        wait_for(lambda: list((tmp_path / "data").glob(".train-*.tmp")), process)
+        wait_for(lambda: list((tmp_path / "data").glob("train-*/date=*/.part-0.parquet.*.tmp")), process)
         process.send_signal(signal.SIGKILL)
         process.wait()
     finally:
         process.kill()
-    assert not list((tmp_path / "data").glob("train-*.parquet"))
+    assert not list((tmp_path / "data").glob("train-*/date=*/part-0.parquet"))
 
     process = subprocess.Popen(command, env=cli.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

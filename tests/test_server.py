@@ -11,6 +11,7 @@ import math
 import subprocess
 import uuid
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -167,7 +168,8 @@ def cli_run(server, tmp_path_factory):
 def test_cli_run_is_recorded_with_its_task_runs(client, cli_run):
     run = client.read_flow_run(cli_run["flow_run_id"])
     assert run.state.name == "Completed"
-    assert run.name == "pipeline-seed0-train4000-score700"
+    assert run.name == f"pipeline-{cli_run['run_date']}-seed0"
+    assert f"date-{cli_run['run_date']}" in run.tags
     assert {"featuresum", "cli-run", "seed-0"} <= set(run.tags)
     task_runs = final_task_runs(client, run.id, len(cli_run["task_states"]))
     assert {r.name: r.state.name for r in task_runs} == cli_run["task_states"]
@@ -264,6 +266,9 @@ def test_serve_creates_the_cron_deployment(served):
         # Folders are made absolute where serve starts, since runs execute in subprocesses.
         "data_dir": str(work / "data"),
         "artifacts_dir": str(work / "artifacts"),
+        "window_days": 1,
+        "drift": 0.0,
+        "init": "scratch",
         "device": "auto",
         "min_improvement": 0.0,
         "refresh": False,
@@ -301,7 +306,10 @@ def test_triggered_runs_complete_in_the_serve_process_one_at_a_time(server, clie
     for run, seed in zip(runs, (1, 2), strict=True):
         assert run.state.name == "Completed", run.state.message
         assert run.deployment_id == deployment.id
-        assert run.name == f"pipeline-seed{seed}-train{TINY['train_samples']}-score{TINY['score_samples']}"
+        # A triggered run processes the date of its scheduled start (now), and says so in its name.
+        day = run.expected_start_time.astimezone(UTC).date()
+        assert run.name == f"pipeline-{day}-seed{seed}"
+        assert f"date-{day}" in run.tags
         assert run.parameters["data_dir"] == str(work / "data")
         assert "scheduled" in run.tags
         task_runs = final_task_runs(client, run.id, PIPELINE_TASK_RUNS)

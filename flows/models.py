@@ -1,14 +1,18 @@
 """`featuresum models`: the registry of trained model versions and the alias `champion` that scoring uses.
 
 The registry is a SQLite file in the artifacts folder; these commands read and change it directly,
-without a Prefect server.
+without a Prefect server. `import` and `export` move models in and out in the original script's format,
+a plain state_dict (`torch.save(model.state_dict(), "model.pth")`).
 """
 
 import json
+from datetime import date
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from featuresum.flows.presets import DEFAULT
 
 models_app = typer.Typer(
     help="Model versions and the champion: every trained model is a version; `champion` is the one scoring uses.",
@@ -23,6 +27,15 @@ def _registry(artifacts_dir: Path):
     from featuresum.tasks.registry import Registry
 
     return Registry(artifacts_dir)
+
+
+def _iso_date(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date like 2026-11-28") from None
 
 
 def _accuracy(metrics: dict) -> str:
@@ -82,3 +95,64 @@ def rollback(
     """Point the champion back at the version it pointed at before its latest change."""
     change = _registry(artifacts_dir).rollback(reason)
     print(f"champion: version {change.previous} -> {change.version} ({change.reason})")
+
+
+@models_app.command("import")
+def import_model(
+    model_pth: Annotated[
+        Path,
+        typer.Argument(
+            metavar="MODEL_PTH", help="A model saved by the original script: torch.save(model.state_dict(), path)."
+        ),
+    ],
+    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    holdout_samples: Annotated[
+        int, typer.Option(min=1, help="Held-out rows to measure it on, drawn from --seed as a run draws its own.")
+    ] = DEFAULT.holdout_samples,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the held-out rows.")] = 0,
+    run_date: Annotated[
+        str | None,
+        typer.Option(
+            "--date",
+            callback=_iso_date,
+            help="Measure it on the held-out rows of this date (YYYY-MM-DD), those a run of that date is judged on."
+            " [default: the seed's undated held-out rows]",
+        ),
+    ] = None,
+    drift: Annotated[
+        float, typer.Option(help="The --drift of the runs whose held-out rows to measure it on (needs --date).")
+    ] = 0.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the version as one JSON object.")] = False,
+) -> None:
+    """Register a model saved by the original script as a new version; it does not become the champion."""
+    from featuresum.tasks.portable import import_state_dict
+
+    if drift and run_date is None:
+        raise typer.BadParameter("--drift shifts dated rows only; give --date too", param_hint="--drift")
+    day = date.fromisoformat(run_date) if run_date else None
+    imported = import_state_dict(model_pth, artifacts_dir, holdout_samples, seed, day, drift)
+    version = imported.version
+    if json_output:
+        details = {**version.as_dict(), "val_accuracy": version.metrics.get("val_accuracy")}
+        print(json.dumps({**details, "already_registered": imported.already_registered}))
+        return
+    done = "is already registered as" if imported.already_registered else "imported as"
+    rows = version.metrics.get("holdout_rows")
+    print(f"{model_pth} {done} version {version.version}: held-out accuracy {_accuracy(version.metrics)} ({rows} rows)")
+    print(f"  checkpoint: {version.checkpoint}")
+    if "champion" not in version.aliases:
+        print(f"  not the champion; to score with it: featuresum models promote {version.version}")
+
+
+@models_app.command()
+def export(
+    reference: Reference,
+    output: Annotated[Path, typer.Option(help="The file to write, e.g. model.pth (replaced atomically).")],
+    artifacts_dir: ArtifactsDir = Path("artifacts"),
+) -> None:
+    """Write a version's weights as a plain state_dict, which the original script's SimpleNN loads."""
+    from featuresum.tasks.portable import export_state_dict
+
+    version = _registry(artifacts_dir).resolve(reference)
+    export_state_dict(Path(version.checkpoint), output)
+    print(f"version {version.version} written to {output}: SimpleNN().load_state_dict(torch.load(path)) loads it")

@@ -15,6 +15,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from enum import Enum, StrEnum
 from importlib.metadata import version
@@ -280,36 +282,51 @@ def _check_api(api_url: str) -> None:
         raise _api_failure(error, api_url) from None
 
 
-def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_runner=None) -> None:
-    """Run a flow against the Prefect API, wait until its task runs are recorded, then report."""
+@contextmanager
+def _prefect_session() -> Iterator[str]:
+    """The Prefect API to record runs in, checked and watched; its URL."""
+    with runtime.prefect_api() as api_url:
+        _check_api(api_url)
+        _watch_api(api_url)
+        _quiet_console_tracebacks()
+        yield api_url
+
+
+def _run_flow(flow, parameters: dict[str, Any], api_url: str, *tag_names: str) -> dict[str, Any]:
+    """Run a flow, wait until its task runs are recorded (also when it fails), and return its summary."""
     import httpx
     from prefect import tags
     from prefect.exceptions import PrefectHTTPStatusError
 
     from featuresum.flows import pipeline
 
-    flow = {"run": pipeline.pipeline_flow, "train": pipeline.train_flow, "score": pipeline.score_flow}[flow_name]
-    if task_runner is not None:
-        flow = flow.with_options(task_runner=task_runner)
-    with runtime.prefect_api() as api_url:
-        _check_api(api_url)
-        _watch_api(api_url)
-        _quiet_console_tracebacks()
-        try:
-            with tags("featuresum", f"cli-{flow_name}", f"seed-{parameters['seed']}"):
-                earlier, recorded = set(pipeline.TASK_RUNS), {}
-                try:
-                    state = flow(**parameters, return_state=True)
-                finally:
-                    # Also after a failure or Ctrl-C: the UI should show every task run in its final state.
-                    for flow_run_id in set(pipeline.TASK_RUNS) - earlier:
-                        recorded[flow_run_id] = _wait_for_task_runs(flow_run_id, pipeline.TASK_RUNS[flow_run_id])
-            summary = state.result()
-        except (httpx.HTTPError, PrefectHTTPStatusError) as error:
-            raise _api_failure(error, api_url) from None
+    try:
+        with tags("featuresum", *tag_names, f"seed-{parameters['seed']}"):
+            earlier, recorded = set(pipeline.TASK_RUNS), {}
+            try:
+                state = flow(**parameters, return_state=True)
+            finally:
+                # Also after a failure or Ctrl-C: the UI should show every task run in its final state.
+                for flow_run_id in set(pipeline.TASK_RUNS) - earlier:
+                    recorded[flow_run_id] = _wait_for_task_runs(flow_run_id, pipeline.TASK_RUNS[flow_run_id])
+        summary = state.result()
+    except (httpx.HTTPError, PrefectHTTPStatusError) as error:
+        raise _api_failure(error, api_url) from None
     del summary["task_runs"]
     summary["task_states"] = recorded[summary["flow_run_id"]]
     summary["ui"] = f"{api_url.removesuffix('/api')}/runs/flow-run/{summary['flow_run_id']}"
+    return summary
+
+
+def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_runner=None) -> None:
+    """Run one flow of the pipeline against the Prefect API and report it."""
+    from featuresum.flows import pipeline
+
+    flow = {"run": pipeline.pipeline_flow, "train": pipeline.train_flow, "score": pipeline.score_flow}[flow_name]
+    if task_runner is not None:
+        flow = flow.with_options(task_runner=task_runner)
+    with _prefect_session() as api_url:
+        summary = _run_flow(flow, parameters, api_url, f"cli-{flow_name}")
     _report(summary, as_json)
 
 
@@ -481,6 +498,94 @@ def score(
     if shard_rows:
         parameters["shard_rows"] = shard_rows
     _execute("score", parameters, json_output, _task_runner(runner, dask_address, dask_workers))
+
+
+class ReprocessChoice(StrEnum):
+    missing = "missing"
+    failed = "failed"
+    all = "all"
+
+
+@app.command(
+    help="Run the pipeline once per date from --from to --to, oldest first, stopping at the first failure.\n\n"
+    "Each date is a flow run of its own that trains a challenger on that date's data, gates it and scores the "
+    "date's batch with the champion, exactly as `featuresum run --date` does; after a backfill the registry holds "
+    "the versions and the champion that running the dates one by one gives. --reprocess decides what happens to "
+    "dates that already have a run with the same options: missing (default) runs those without a completed run, "
+    f"failed only those whose last run failed, all every date.\n\n{LOCAL_SERVER_HELP}"
+)
+def backfill(
+    from_date: Annotated[str, typer.Option("--from", callback=_iso_date, help="First date, YYYY-MM-DD.")],
+    to_date: Annotated[str, typer.Option("--to", callback=_iso_date, help="Last date, YYYY-MM-DD (included).")],
+    reprocess: Annotated[
+        ReprocessChoice, typer.Option(help="Which dates with an earlier run to run again: missing, failed or all.")
+    ] = ReprocessChoice.missing,
+    preset: PresetOpt = Preset.default,
+    train_samples: TrainSamples = None,
+    holdout_samples: HoldoutSamples = None,
+    score_samples: ScoreSamples = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    weight_decay: WeightDecay = None,
+    schedule: ScheduleOpt = None,
+    seed: Seed = 0,
+    window_days: WindowDays = 1,
+    drift: Drift = 0.0,
+    init: InitOpt = InitChoice.scratch,
+    data_dir: DataDir = Path("data"),
+    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    device: DeviceOpt = DeviceChoice.auto,
+    shard_rows: ShardRows = None,
+    min_improvement: MinImprovement = 0.0,
+    refresh: Refresh = False,
+    json_output: JsonOpt = False,
+) -> None:
+    options = dict(locals())
+    for name in ("from_date", "to_date", "reprocess", "json_output"):
+        del options[name]
+    from featuresum.flows import backfill as backfills
+    from featuresum.flows.pipeline import pipeline_flow
+    from featuresum.tasks.registry import Registry
+
+    start, end = date.fromisoformat(from_date), date.fromisoformat(to_date)
+    if end < start:
+        raise typer.BadParameter(f"--to {to_date} is before --from {from_date}")
+    prepare_folders(data_dir, artifacts_dir)
+    parameters = flow_parameters(options.pop("preset"), **options)
+    days = backfills.dates_between(start, end)
+    runs = []
+    with _prefect_session() as api_url:
+        earlier = backfills.earlier_runs(parameters, days)
+        pending = backfills.to_run(days, earlier, reprocess.value)
+        for day in days:
+            if day not in pending:
+                previous = earlier[day.isoformat()]
+                runs.append({"run_date": day.isoformat(), "flow_run_id": str(previous.id), "state": "Skipped"})
+                print(f"{day}: skipped, run {previous.name} is {previous.state.name}", file=sys.stderr)
+                continue
+            summary = _run_flow(pipeline_flow, {**parameters, "run_date": day.isoformat()}, api_url, "backfill")
+            gate = summary["registry"]
+            runs.append(
+                {
+                    "run_date": day.isoformat(),
+                    "flow_run_id": summary["flow_run_id"],
+                    "state": "Completed",
+                    "model_version": summary["model_version"],
+                    "promoted": gate["promoted"],
+                }
+            )
+            kept = "promoted to champion" if gate["promoted"] else f"champion stays version {gate['champion_version']}"
+            print(f"{day}: Completed, model version {summary['model_version']}, {kept}", file=sys.stderr, flush=True)
+    champion = Registry(artifacts_dir).alias()
+    result = {"runs": runs, "champion_version": champion.version if champion else None}
+    if json_output:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{len(runs)} dates, {sum(run['state'] == 'Completed' for run in runs)} run; champion: version "
+            f"{result['champion_version']}"
+        )
 
 
 @app.command()

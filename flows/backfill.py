@@ -1,0 +1,66 @@
+"""Backfills: the pipeline once per date of a range, oldest first, each date a flow run of its own.
+
+Prefect has schedules but no backfill: this finds, through the Prefect API, the dates that already
+have a run with the same options, and runs the others in order, stopping at the first failure.
+"""
+
+from collections.abc import Iterator
+from datetime import date, timedelta
+from typing import Any
+
+PIPELINE = "featuresum-pipeline"
+REPROCESS = ("missing", "failed", "all")
+
+
+def dates_between(start: date, end: date) -> list[date]:
+    """Every date from `start` to `end`, both included, oldest first."""
+    return [start + timedelta(days=offset) for offset in range((end - start).days + 1)]
+
+
+def _same_options(run_parameters: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return all(run_parameters.get(key) == value for key, value in wanted.items())
+
+
+def earlier_runs(parameters: dict[str, Any], days: list[date]) -> dict[str, Any]:
+    """The latest earlier pipeline run of each date with the same options, {run date: flow run}."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    wanted = {day.isoformat() for day in days}
+    found: dict[str, Any] = {}
+    with get_client(sync_client=True) as client:
+        for run in _pages(
+            lambda offset: client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[PIPELINE])),
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["featuresum"])),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                offset=offset,
+                limit=200,
+            )
+        ):
+            day = run.parameters.get("run_date")
+            if day in wanted and day not in found and _same_options(run.parameters, {**parameters, "run_date": day}):
+                found[day] = run
+    return found
+
+
+def _pages(read) -> Iterator[Any]:
+    offset = 0
+    while page := read(offset):
+        yield from page
+        offset += len(page)
+
+
+def to_run(days: list[date], earlier: dict[str, Any], reprocess: str) -> list[date]:
+    """The dates to run.
+
+    missing: those without a completed run with these options (never run, or whose last run failed);
+    failed: only those whose last run with these options failed or crashed; all: every date.
+    """
+    if reprocess == "all":
+        return days
+    completed = {day for day, run in earlier.items() if run.state.is_completed()}
+    if reprocess == "failed":
+        return [day for day in days if day.isoformat() in earlier and day.isoformat() not in completed]
+    return [day for day in days if day.isoformat() not in completed]

@@ -19,6 +19,7 @@ from featuresum.flows import runtime
 from featuresum.flows.pipeline import pipeline_flow, score_flow
 from featuresum.tasks import storage
 from featuresum.tasks.checkpoint import load_checkpoint
+from featuresum.tasks.registry import Registry
 
 
 def task_runs(flow_run_id):
@@ -275,3 +276,31 @@ def test_a_full_disk_ends_the_run_at_once_with_one_line(cli, tiny_disk, tmp_path
         f"featuresum: error: disk full: no space left in {tiny_disk}; free space or use another folder"
     )
     assert time.monotonic() - started < 60  # no retries with backoff
+
+
+def test_three_runs_for_different_dates_at_once_all_register(cli, tmp_path):
+    days = ["2026-06-01", "2026-06-02", "2026-06-03"]
+    processes = [
+        subprocess.Popen(
+            [cli.executable, *small_run_args(tmp_path), "--date", day, "--json"],
+            env=cli.env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for day in days
+    ]
+    summaries = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+        summaries.append(run_json(subprocess.CompletedProcess([], 0, stdout, stderr)))
+    registry = Registry(tmp_path / "artifacts")
+    versions = registry.versions()
+    assert sorted(v.run_date for v in versions) == days
+    assert sorted(v.version for v in versions) == [1, 2, 3]
+    assert sorted(summary["model_version"] for summary in summaries) == [1, 2, 3]
+    assert registry.alias().version in {1, 2, 3}
+    history = registry.history()
+    assert [change.previous for change in history] == [None, *[change.version for change in history[:-1]]]

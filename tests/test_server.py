@@ -29,6 +29,8 @@ from prefect_servers import (
     wait_until,
 )
 
+from featuresum.tasks.registry import Registry
+
 pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,11 +145,12 @@ def artifacts_by_key(client, flow_run_id) -> dict:
     return {artifact.key or artifact.type: artifact for artifact in found}
 
 
-def trigger(server, deployment: str, parameters: dict, cwd: Path) -> str:
+def trigger(server, deployment: str, parameters: dict, cwd: Path, *options: str) -> str:
     """Run `prefect deployment run` as a user does; returns the new flow run's id."""
     result = run_command(
-        "prefect", "deployment", "run", deployment, *deployment_parameters(parameters), env=server.client_env, cwd=cwd
-    )
+        "prefect", "deployment", "run", deployment, *deployment_parameters(parameters), *options,
+        env=server.client_env, cwd=cwd,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return UUID.search(result.stdout.split("UUID:", 1)[1]).group()
 
@@ -298,27 +301,40 @@ def test_server_schedules_runs_at_the_cron_time_in_the_timezone(client, served):
     assert all(run.parameters == {} or run.parameters == deployment.parameters for run in runs)
 
 
-def test_triggered_runs_complete_in_the_serve_process_one_at_a_time(server, client, served):
+def test_runs_for_two_scheduled_dates_train_two_versions_one_at_a_time(server, client, served):
+    """Each run processes the date it was scheduled for (both are already due, so both start now)."""
     process, work, deployment = served
-    run_ids = [trigger(server, f"featuresum-pipeline/{SERVED}", {"seed": seed, **TINY}, work) for seed in (1, 2)]
-    runs = [finished_flow_run(client, run_id) for run_id in run_ids]
+    days = ["2026-05-01", "2026-05-02"]
+    run_ids = [
+        trigger(server, f"featuresum-pipeline/{SERVED}", TINY, work, "--start-at", f"{day} 03:00:00 UTC")
+        for day in days
+    ]
+    runs = sorted((finished_flow_run(client, run_id) for run_id in run_ids), key=lambda run: run.start_time)
 
-    for run, seed in zip(runs, (1, 2), strict=True):
+    for run in runs:
         assert run.state.name == "Completed", run.state.message
         assert run.deployment_id == deployment.id
-        # A triggered run processes the date of its scheduled start (now), and says so in its name.
-        day = run.expected_start_time.astimezone(UTC).date()
-        assert run.name == f"pipeline-{day}-seed{seed}"
-        assert f"date-{day}" in run.tags
+        day = run.expected_start_time.astimezone(UTC).date().isoformat()
+        assert run.name == f"pipeline-{day}-seed0"
+        assert {f"date-{day}", "scheduled"} <= set(run.tags)
         assert run.parameters["data_dir"] == str(work / "data")
-        assert "scheduled" in run.tags
-        task_runs = final_task_runs(client, run.id, PIPELINE_TASK_RUNS)
+    # The first run finds no champion; the second is gated against the first (one more task run).
+    for run, count in zip(runs, (PIPELINE_TASK_RUNS, PIPELINE_TASK_RUNS + 1), strict=True):
+        task_runs = final_task_runs(client, run.id, count)
         assert all(r.state.is_completed() for r in task_runs), [(r.name, r.state.name) for r in task_runs]
-    assert len(list((work / "artifacts").glob("predictions-*.parquet"))) == 2
     # Both runs were due at once; the serve process (limit 1) ran them one after the other.
-    first, second = sorted(runs, key=lambda run: run.start_time)
+    first, second = runs
     assert first.end_time <= second.start_time, [(r.start_time, r.end_time) for r in runs]
     assert process.poll() is None
+
+    registry = Registry(work / "artifacts")
+    versions = registry.versions()
+    assert sorted(version.run_date for version in versions) == days
+    assert {version.flow_run_id for version in versions} == {str(run.id) for run in runs}
+    history = registry.history()
+    assert history[0].reason == "first model: there was no champion"
+    assert registry.alias().version in {version.version for version in versions}
+    assert [change.previous for change in history] == [None, *[change.version for change in history[:-1]]]
 
 
 def test_stopping_serve_pauses_the_schedule(server, client, tmp_path):

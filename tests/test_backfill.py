@@ -1,0 +1,68 @@
+"""`featuresum backfill`: one run per date, oldest first; repeats run nothing; the registry ends as one-by-one runs."""
+
+import json
+
+from conftest import run_json
+
+from featuresum.flows.backfill import dates_between, to_run
+from featuresum.tasks.registry import Registry
+
+DATES = ["2026-04-01", "2026-04-02", "2026-04-03", "2026-04-04", "2026-04-05", "2026-04-06"]
+TINY = ["--train-samples", "3000", "--holdout-samples", "800", "--score-samples", "300", "--epochs", "1"]
+
+
+def folders(tmp_path, artifacts):
+    return ["--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / artifacts)]
+
+
+def test_a_many_date_backfill_matches_running_the_dates_one_by_one(cli, tmp_path):
+    command = ["backfill", "--from", DATES[0], "--to", DATES[-1], *TINY, *folders(tmp_path, "backfilled")]
+    result = cli(*command, "--json")
+    backfilled = json.loads(result.stdout)
+    assert [run["run_date"] for run in backfilled["runs"]] == DATES
+    assert {run["state"] for run in backfilled["runs"]} == {"Completed"}
+    assert [run["model_version"] for run in backfilled["runs"]] == [1, 2, 3, 4, 5, 6]
+    assert backfilled["runs"][0]["promoted"] is True
+    progress = [line for line in result.stderr.splitlines() if line.startswith("2026-04-")]
+    assert [line.split(":")[0] for line in progress] == DATES
+
+    for day in DATES:
+        summary = run_json(cli("run", *TINY, "--date", day, *folders(tmp_path, "one-by-one"), "--json"))
+        assert summary["run_date"] == day
+    one_by_one, filled = Registry(tmp_path / "one-by-one"), Registry(tmp_path / "backfilled")
+    assert [(v.run_date, v.fingerprint) for v in filled.versions()] == [
+        (v.run_date, v.fingerprint) for v in one_by_one.versions()
+    ]
+    assert filled.alias().version == one_by_one.alias().version == backfilled["champion_version"]
+    assert [(c.version, c.previous) for c in filled.history()] == [
+        (c.version, c.previous) for c in one_by_one.history()
+    ]
+
+    # Repeated, the backfill finds every date done and runs nothing.
+    again = json.loads(cli(*command, "--json").stdout)
+    assert {run["state"] for run in again["runs"]} == {"Skipped"}
+    assert [run["flow_run_id"] for run in again["runs"]] == [run["flow_run_id"] for run in backfilled["runs"]]
+    assert len(filled.versions()) == len(DATES)
+
+
+def test_other_options_are_other_runs(cli, tmp_path):
+    base = ["backfill", "--from", DATES[0], "--to", DATES[1], *folders(tmp_path, "a"), "--json"]
+    first = json.loads(cli(*base, *TINY).stdout)
+    other_seed = json.loads(cli(*base, *TINY, "--seed", "3").stdout)
+    assert {run["state"] for run in first["runs"] + other_seed["runs"]} == {"Completed"}
+
+
+class Run:
+    def __init__(self, completed):
+        self.state = type("State", (), {"is_completed": lambda self: completed})()
+
+
+def test_reprocess_decides_which_earlier_dates_run_again():
+    from datetime import date
+
+    days = dates_between(date(2026, 4, 1), date(2026, 4, 3))
+    assert days == [date(2026, 4, 1), date(2026, 4, 2), date(2026, 4, 3)]
+    earlier = {"2026-04-01": Run(True), "2026-04-02": Run(False)}
+    assert to_run(days, earlier, "missing") == days[1:]
+    assert to_run(days, earlier, "failed") == [days[1]]
+    assert to_run(days, earlier, "all") == days

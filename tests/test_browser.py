@@ -201,8 +201,18 @@ def test_run_page_shows_the_run_and_its_artifacts(server, finished_run, browser,
         browser.screenshot(tmp_path / "flow-run.png")
 
     browser.click("li.p-tab#artifacts")
+
+    def every_artifact_shown() -> bool:
+        # The flow run's own artifact (the promotion) comes first; the task runs' load as they scroll into view.
+        browser.evaluate(
+            "document.querySelectorAll('*').forEach(e => { if (e.scrollHeight > e.clientHeight) "
+            "e.scrollTop = e.scrollHeight; }); 1"
+        )
+        text = browser.text()
+        return all(key in text for key in (*ARTIFACT_KEYS, "featuresum-promotion"))
+
     try:
-        browser.wait_for_text(*ARTIFACT_KEYS)
+        wait_until(every_artifact_shown, PAGE_TIMEOUT, "every artifact on the artifacts tab")
     finally:
         shot = browser.screenshot(tmp_path / "flow-run-artifacts.png")
     # A blank or error page would be a small, nearly uniform image.

@@ -212,7 +212,7 @@ def _train(
         "holdout": _ref(holdout),
         "config": asdict(config),
         "device": device,
-        "init": _initial_weights(init, artifacts_dir),
+        "init": _initial_weights(init, window.day, artifacts_dir),
     }
     path = storage.output_path(Path(artifacts_dir).resolve(), "model", parameters, ".pt")
     model = _run_cached(train_model, path, refresh, states, **parameters)
@@ -220,15 +220,22 @@ def _train(
     return dataset, holdout, model
 
 
-def _initial_weights(init: str, artifacts_dir: str) -> dict[str, str] | None:
-    """The champion's checkpoint to start from with init="champion" (None from scratch, or with no champion yet)."""
+def _initial_weights(init: str, day: date, artifacts_dir: str) -> dict[str, str] | None:
+    """The checkpoint to start from with init="champion": the latest champion trained before `day`.
+
+    Not simply the champion now: after this date's challenger is promoted, a rerun of the date
+    must start from the same weights as the first run did, so that it finds its model cached.
+    None from scratch, or when there is no such champion yet.
+    """
     if init == "scratch":
         return None
-    champion = Registry(Path(artifacts_dir).resolve()).alias()
-    if champion is None or not Path(champion.checkpoint).is_file():
-        get_run_logger().info("No champion to start from yet: training from scratch")
-        return None
-    return {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
+    registry = Registry(Path(artifacts_dir).resolve())
+    for change in reversed(registry.history()):
+        champion = registry.get(change.version)
+        if (champion.run_date or "") < day.isoformat() and Path(champion.checkpoint).is_file():
+            return {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
+    get_run_logger().info("No champion from before %s to start from: training from scratch", day)
+    return None
 
 
 def _gate(

@@ -74,3 +74,7 @@ def test_init_champion_starts_from_the_champions_weights(prefect, tmp_path):
     champion = Registry(tmp_path / "artifacts").get(1)
     assert load_checkpoint(Path(warm["checkpoint"]))["init_fingerprint"] == champion.fingerprint
     assert load_checkpoint(Path(cold["checkpoint"]))["init_fingerprint"] is None
+    # The warm challenger may now be champion; a rerun of its date still starts from the same weights.
+    again = run_on(tmp_path, "2026-05-11", window_days=1, init="champion")
+    assert again["checkpoint"] == warm["checkpoint"]
+    assert {state for name, state in states(again).items() if name != "evaluate-model"} == {"Cached"}

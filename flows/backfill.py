@@ -64,3 +64,46 @@ def to_run(days: list[date], earlier: dict[str, Any], reprocess: str) -> list[da
     if reprocess == "failed":
         return [day for day in days if day.isoformat() in earlier and day.isoformat() not in completed]
     return [day for day in days if day.isoformat() not in completed]
+
+
+def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple[date, Any, bool]]:
+    """Run a served deployment once per date, one at a time, oldest first; yields (date, flow run, skipped).
+
+    Each run is created with an idempotency key per deployment, date and number of earlier failed
+    runs of the date, so repeating the command (after an interruption, say) finds the runs it
+    already created instead of creating new ones, while a date whose run failed gets a new run.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.deployments import run_deployment
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(name)
+        earlier: dict[str, list[Any]] = {}
+        for run in _pages(
+            lambda offset: client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                offset=offset,
+                limit=200,
+            )
+        ):
+            earlier.setdefault(run.parameters.get("run_date"), []).append(run)
+    latest = {day: runs[0] for day, runs in earlier.items()}
+    pending = to_run(days, latest, reprocess)
+    for day in days:
+        if day not in pending:
+            yield day, latest[day.isoformat()], True
+            continue
+        runs = earlier.get(day.isoformat(), [])
+        if reprocess == "all":
+            attempt = f"all-{len(runs)}"
+        else:  # a run still in flight keeps its key; a failed one makes way for a new run
+            attempt = str(sum(run.state.is_final() and not run.state.is_completed() for run in runs))
+        key = f"featuresum-backfill/{deployment.id}/{day}/{attempt}"
+        run = run_deployment(
+            name, parameters={"run_date": day.isoformat()}, idempotency_key=key, tags=["backfill"], timeout=None,
+            poll_interval=1, as_subflow=False,
+        )  # fmt: skip
+        yield day, run, False

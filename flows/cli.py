@@ -520,6 +520,13 @@ def backfill(
     reprocess: Annotated[
         ReprocessChoice, typer.Option(help="Which dates with an earlier run to run again: missing, failed or all.")
     ] = ReprocessChoice.missing,
+    deployment: Annotated[
+        str | None,
+        typer.Option(
+            help="Create the runs on this served deployment (flow/name) instead, one at a time, with its own "
+            "parameters and each date's run_date; repeating the command creates no duplicate runs."
+        ),
+    ] = None,
     preset: PresetOpt = Preset.default,
     train_samples: TrainSamples = None,
     holdout_samples: HoldoutSamples = None,
@@ -542,11 +549,10 @@ def backfill(
     json_output: JsonOpt = False,
 ) -> None:
     options = dict(locals())
-    for name in ("from_date", "to_date", "reprocess", "json_output"):
+    for name in ("from_date", "to_date", "reprocess", "deployment", "json_output"):
         del options[name]
     from featuresum.flows import backfill as backfills
     from featuresum.flows.pipeline import pipeline_flow
-    from featuresum.tasks.registry import Registry
 
     start, end = date.fromisoformat(from_date), date.fromisoformat(to_date)
     if end < start:
@@ -555,6 +561,11 @@ def backfill(
     parameters = flow_parameters(options.pop("preset"), **options)
     days = backfills.dates_between(start, end)
     runs = []
+    if deployment:
+        with _prefect_session():
+            runs, artifacts_dir = _backfill_deployment(deployment, days, reprocess.value)
+        _report_backfill(runs, artifacts_dir, json_output)
+        return
     with _prefect_session() as api_url:
         earlier = backfills.earlier_runs(parameters, days)
         pending = backfills.to_run(days, earlier, reprocess.value)
@@ -577,15 +588,55 @@ def backfill(
             )
             kept = "promoted to champion" if gate["promoted"] else f"champion stays version {gate['champion_version']}"
             print(f"{day}: Completed, model version {summary['model_version']}, {kept}", file=sys.stderr, flush=True)
+    _report_backfill(runs, artifacts_dir, json_output)
+
+
+def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[list[dict[str, Any]], Path]:
+    """Runs of a served deployment, one per date; the registry is in the deployment's artifacts folder."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from featuresum.flows import backfill as backfills
+    from featuresum.tasks.registry import Registry
+
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.read_deployment_by_name(name)
+    except (ObjectNotFound, ValueError):
+        raise typer.BadParameter(f"no deployment {name!r} (give flow/name, e.g. featuresum-pipeline/<name>)") from None
+    artifacts_dir = Path(found.parameters.get("artifacts_dir", "artifacts"))
+    registry, runs = Registry(artifacts_dir), []
+    for day, run, skipped in backfills.on_deployment(name, days, reprocess):
+        if skipped:
+            runs.append({"run_date": day.isoformat(), "flow_run_id": str(run.id), "state": "Skipped"})
+            print(f"{day}: skipped, run {run.name} is {run.state.name}", file=sys.stderr)
+            continue
+        version = next((v for v in registry.versions() if v.flow_run_id == str(run.id)), None)
+        runs.append(
+            {
+                "run_date": day.isoformat(),
+                "flow_run_id": str(run.id),
+                "state": run.state.name,
+                "model_version": version.version if version else None,
+                "promoted": any(change.flow_run_id == str(run.id) for change in registry.history()),
+            }
+        )
+        print(f"{day}: {run.state.name}, run {run.name}", file=sys.stderr, flush=True)
+        if not run.state.is_completed():
+            raise EnvironmentFailure(f"backfill stopped at {day}: run {run.name} ended {run.state.name}")
+    return runs, artifacts_dir
+
+
+def _report_backfill(runs: list[dict[str, Any]], artifacts_dir: Path, as_json: bool) -> None:
+    from featuresum.tasks.registry import Registry
+
     champion = Registry(artifacts_dir).alias()
     result = {"runs": runs, "champion_version": champion.version if champion else None}
-    if json_output:
+    if as_json:
         print(json.dumps(result))
     else:
-        print(
-            f"{len(runs)} dates, {sum(run['state'] == 'Completed' for run in runs)} run; champion: version "
-            f"{result['champion_version']}"
-        )
+        ran = sum(run["state"] != "Skipped" for run in runs)
+        print(f"{len(runs)} dates, {ran} run; champion: version {result['champion_version']}")
 
 
 @app.command()

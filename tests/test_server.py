@@ -328,13 +328,44 @@ def test_runs_for_two_scheduled_dates_train_two_versions_one_at_a_time(server, c
     assert process.poll() is None
 
     registry = Registry(work / "artifacts")
-    versions = registry.versions()
+    versions = [version for version in registry.versions() if version.flow_run_id in {str(run.id) for run in runs}]
     assert sorted(version.run_date for version in versions) == days
-    assert {version.flow_run_id for version in versions} == {str(run.id) for run in runs}
     history = registry.history()
     assert history[0].reason == "first model: there was no champion"
-    assert registry.alias().version in {version.version for version in versions}
     assert [change.previous for change in history] == [None, *[change.version for change in history[:-1]]]
+
+
+def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, served):
+    process, work, _ = served
+    command = [
+        "backfill",
+        "--deployment",
+        f"featuresum-pipeline/{SERVED}",
+        "--from",
+        "2026-05-03",
+        "--to",
+        "2026-05-04",
+    ]
+    result = run_command("featuresum", *command, "--json", env=server.client_env, cwd=work)
+    assert result.returncode == 0, result.stderr
+    backfilled = json.loads(result.stdout)
+    assert [(run["run_date"], run["state"]) for run in backfilled["runs"]] == [
+        ("2026-05-03", "Completed"),
+        ("2026-05-04", "Completed"),
+    ]
+    registry = Registry(work / "artifacts")
+    by_run = {version.flow_run_id: version for version in registry.versions()}
+    assert [by_run[run["flow_run_id"]].run_date for run in backfilled["runs"]] == ["2026-05-03", "2026-05-04"]
+    assert [run["model_version"] for run in backfilled["runs"]] == [
+        by_run[run["flow_run_id"]].version for run in backfilled["runs"]
+    ]
+    assert backfilled["champion_version"] == registry.alias().version
+
+    # Repeated: every date has its completed run, and no new run is created.
+    again = json.loads(run_command("featuresum", *command, "--json", env=server.client_env, cwd=work).stdout)
+    assert [run["state"] for run in again["runs"]] == ["Skipped", "Skipped"]
+    assert [run["flow_run_id"] for run in again["runs"]] == [run["flow_run_id"] for run in backfilled["runs"]]
+    assert process.poll() is None
 
 
 def test_stopping_serve_pauses_the_schedule(server, client, tmp_path):

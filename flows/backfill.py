@@ -39,7 +39,7 @@ def earlier_runs(parameters: dict[str, Any], days: list[date]) -> dict[str, Any]
                 limit=200,
             )
         ):
-            day = run.parameters.get("run_date")
+            day = run_date_of(run)
             if day in wanted and day not in found and _same_options(run.parameters, {**parameters, "run_date": day}):
                 found[day] = run
     return found
@@ -52,18 +52,30 @@ def _pages(read) -> Iterator[Any]:
         offset += len(page)
 
 
-def to_run(days: list[date], earlier: dict[str, Any], reprocess: str) -> list[date]:
-    """The dates to run.
+def run_date_of(run: Any) -> str | None:
+    """The date a pipeline run processed: its `run_date` parameter, or (a scheduled run) its `date-` tag."""
+    return run.parameters.get("run_date") or next((tag[5:] for tag in run.tags if tag.startswith("date-")), None)
 
-    missing: those without a completed run with these options (never run, or whose last run failed);
-    failed: only those whose last run with these options failed or crashed; all: every date.
+
+def to_run(days: list[date], earlier: dict[str, Any], reprocess: str) -> list[date]:
+    """The dates to run, given the latest earlier run of each date.
+
+    missing: dates with no run, or whose last run ended without completing; failed: only dates
+    whose last run failed or crashed; all: every date. A date whose run is still in flight is
+    left to it, unless `all`.
     """
     if reprocess == "all":
         return days
-    completed = {day for day, run in earlier.items() if run.state.is_completed()}
-    if reprocess == "failed":
-        return [day for day in days if day.isoformat() in earlier and day.isoformat() not in completed]
-    return [day for day in days if day.isoformat() not in completed]
+
+    def wanted(day: date) -> bool:
+        run = earlier.get(day.isoformat())
+        if run is None:
+            return reprocess == "missing"
+        if reprocess == "failed":
+            return run.state.is_failed() or run.state.is_crashed()
+        return run.state.is_final() and not run.state.is_completed()
+
+    return [day for day in days if wanted(day)]
 
 
 def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple[date, Any, bool]]:
@@ -89,12 +101,12 @@ def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple
                 limit=200,
             )
         ):
-            earlier.setdefault(run.parameters.get("run_date"), []).append(run)
+            earlier.setdefault(run_date_of(run), []).append(run)
     latest = {day: runs[0] for day, runs in earlier.items()}
     pending = to_run(days, latest, reprocess)
     for day in days:
         if day not in pending:
-            yield day, latest[day.isoformat()], True
+            yield day, latest.get(day.isoformat()), True
             continue
         runs = earlier.get(day.isoformat(), [])
         if reprocess == "all":

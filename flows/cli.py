@@ -10,13 +10,14 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from enum import Enum, StrEnum
 from importlib.metadata import version
@@ -285,11 +286,17 @@ def _check_api(api_url: str) -> None:
 @contextmanager
 def _prefect_session() -> Iterator[str]:
     """The Prefect API to record runs in, checked and watched; its URL."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
     with runtime.prefect_api() as api_url:
         _check_api(api_url)
         _watch_api(api_url)
         _quiet_console_tracebacks()
-        yield api_url
+        try:
+            yield api_url
+        except (httpx.HTTPError, PrefectHTTPStatusError) as error:
+            raise _api_failure(error, api_url) from None
 
 
 def _run_flow(flow, parameters: dict[str, Any], api_url: str, *tag_names: str) -> dict[str, Any]:
@@ -303,12 +310,21 @@ def _run_flow(flow, parameters: dict[str, Any], api_url: str, *tag_names: str) -
     try:
         with tags("featuresum", *tag_names, f"seed-{parameters['seed']}"):
             earlier, recorded = set(pipeline.TASK_RUNS), {}
-            try:
-                state = flow(**parameters, return_state=True)
-            finally:
-                # Also after a failure or Ctrl-C: the UI should show every task run in its final state.
+
+            def wait_for_new_task_runs() -> None:
                 for flow_run_id in set(pipeline.TASK_RUNS) - earlier:
                     recorded[flow_run_id] = _wait_for_task_runs(flow_run_id, pipeline.TASK_RUNS[flow_run_id])
+
+            try:
+                state = flow(**parameters, return_state=True)
+            except BaseException:
+                # Also after Ctrl-C or SIGTERM the UI should show every task run in its final state;
+                # but a wait that times out must not replace the reason the run ended.
+                with suppress(EnvironmentFailure):
+                    wait_for_new_task_runs()
+                raise
+            # A failed run returns its state: its task runs are recorded before the error is raised.
+            wait_for_new_task_runs()
         summary = state.result()
     except (httpx.HTTPError, PrefectHTTPStatusError) as error:
         raise _api_failure(error, api_url) from None
@@ -571,9 +587,7 @@ def backfill(
         pending = backfills.to_run(days, earlier, reprocess.value)
         for day in days:
             if day not in pending:
-                previous = earlier[day.isoformat()]
-                runs.append({"run_date": day.isoformat(), "flow_run_id": str(previous.id), "state": "Skipped"})
-                print(f"{day}: skipped, run {previous.name} is {previous.state.name}", file=sys.stderr)
+                runs.append(_skipped(day, earlier.get(day.isoformat())))
                 continue
             summary = _run_flow(pipeline_flow, {**parameters, "run_date": day.isoformat()}, api_url, "backfill")
             gate = summary["registry"]
@@ -589,6 +603,13 @@ def backfill(
             kept = "promoted to champion" if gate["promoted"] else f"champion stays version {gate['champion_version']}"
             print(f"{day}: Completed, model version {summary['model_version']}, {kept}", file=sys.stderr, flush=True)
     _report_backfill(runs, artifacts_dir, json_output)
+
+
+def _skipped(day: date, previous: Any) -> dict[str, Any]:
+    """A date the backfill leaves alone, and the progress line that says why."""
+    why = f"run {previous.name} is {previous.state.name}" if previous else "no earlier run to reprocess"
+    print(f"{day}: skipped, {why}", file=sys.stderr)
+    return {"run_date": day.isoformat(), "flow_run_id": str(previous.id) if previous else None, "state": "Skipped"}
 
 
 def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[list[dict[str, Any]], Path]:
@@ -608,8 +629,7 @@ def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[l
     registry, runs = Registry(artifacts_dir), []
     for day, run, skipped in backfills.on_deployment(name, days, reprocess):
         if skipped:
-            runs.append({"run_date": day.isoformat(), "flow_run_id": str(run.id), "state": "Skipped"})
-            print(f"{day}: skipped, run {run.name} is {run.state.name}", file=sys.stderr)
+            runs.append(_skipped(day, run))
             continue
         version = next((v for v in registry.versions() if v.flow_run_id == str(run.id)), None)
         runs.append(
@@ -696,6 +716,8 @@ def _exit_code(error: BaseException) -> tuple[int, str | None]:
         return 2, str(error)
     if isinstance(error, EnvironmentFailure | runtime.ServerError):
         return 1, str(error)
+    if isinstance(error, sqlite3.Error):
+        return 1, f"the model registry could not be used ({error})"
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         return (2 if error.errno in USER_ERRNOS else 1), f"{where}{error.strerror or error}"

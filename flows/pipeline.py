@@ -55,7 +55,7 @@ def _cached(task: Task, path: Path, refresh: bool, **parameters: Any) -> tuple[T
     or overwritten by a run with other inputs (the same --output, say); the manifest beside the
     file records the cache key of the run that wrote it, and must match.
     """
-    parameters = {**parameters, "path": str(path)}
+    parameters = {**parameters, "path": str(path), "refresh": refresh}
     fresh = storage.is_intact(path, task_key(task.name, parameters))
     return task.with_options(refresh_cache=refresh or not fresh), parameters
 

@@ -54,7 +54,8 @@ TRANSIENT_ERRNOS = frozenset(
     }
 )
 # Parameters that do not shape a task's output (the shards of write_predictions are a function of its spec).
-UNKEYED = frozenset({"shards"})
+# `refresh` asks for a recomputation; it does not change what the output is.
+UNKEYED = frozenset({"shards", "refresh"})
 
 
 def is_transient_error(error: BaseException | None) -> bool:
@@ -100,20 +101,25 @@ def file_task(**options: Any):
     )
 
 
-def _reuse(path: Path, key: str) -> dict[str, Any] | None:
-    """The manifest of `path` when an identical run already wrote it (call while holding its lock)."""
-    manifest = storage.read_manifest(path, key)
+def _reuse(path: Path, key: str, refresh: bool) -> dict[str, Any] | None:
+    """The manifest of `path` when an identical run already wrote it (call while holding its lock).
+
+    None when asked to refresh: then the file is written again, whatever is on disk.
+    """
+    manifest = None if refresh else storage.read_manifest(path, key)
     if manifest is not None:
         get_run_logger().info("Reusing %s, written by an identical run", path)
     return manifest
 
 
 @file_task(task_run_name="generate-{stream}-{day}-{rows}rows-seed{seed}")
-def generate_dataset(stream: str, rows: int, seed: int, day: str, drift: float, path: str) -> dict[str, Any]:
+def generate_dataset(
+    stream: str, rows: int, seed: int, day: str, drift: float, path: str, refresh: bool = False
+) -> dict[str, Any]:
     """Generate one date's partition of a labelled synthetic dataset and write it to Parquet."""
     target, key = Path(path), _own_key()
     with storage.exclusive(target):
-        if done := _reuse(target, key):
+        if done := _reuse(target, key, refresh):
             return done
         get_run_logger().info("Generating %d %s rows for %s (seed %d) into %s", rows, stream, day, seed, path)
         shards = data.generate_dataset(seed, stream, rows, date.fromisoformat(day), drift)
@@ -158,6 +164,7 @@ def train_model(
     device: str,
     path: str,
     init: dict[str, Any] | None = None,
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Train the classifier on the window's partitions, checkpointing every epoch so a killed or retried run resumes.
 
@@ -165,7 +172,7 @@ def train_model(
     """
     target, key = Path(path), _own_key()
     with storage.exclusive(target):
-        if done := _reuse(target, key):
+        if done := _reuse(target, key, refresh):
             return done
         return _train(train, holdout, training.TrainConfig(**config), device, target, key, init)
 
@@ -239,12 +246,18 @@ def _train(
 
 @file_task(task_run_name="score-shard-{index}")
 def score_shard(
-    model: dict[str, Any], features: dict[str, Any], row_groups: list[int], index: int, device: str, path: str
+    model: dict[str, Any],
+    features: dict[str, Any],
+    row_groups: list[int],
+    index: int,
+    device: str,
+    path: str,
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Score some row groups of a feature file in streamed batches; write their predictions to Parquet."""
     target, key = Path(path), _own_key()
     with storage.exclusive(target):
-        if done := _reuse(target, key):
+        if done := _reuse(target, key, refresh):
             return done
         where = torch.device(device)
         classifier = model_from_checkpoint(load_checkpoint(Path(model["path"])), where)
@@ -264,12 +277,17 @@ def _remove_parts(path: Path) -> None:
 
 @file_task(task_run_name="write-predictions")
 def write_predictions(
-    model: dict[str, Any], features: dict[str, Any], device: str, shards: list[dict[str, Any]] | None, path: str
+    model: dict[str, Any],
+    features: dict[str, Any],
+    device: str,
+    shards: list[dict[str, Any]] | None,
+    path: str,
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Concatenate scored shards, in order, into the predictions Parquet file (keyed by what they score)."""
     target, key = Path(path), _own_key()
     with storage.exclusive(target):
-        if done := _reuse(target, key):
+        if done := _reuse(target, key, refresh):
             _remove_parts(target)
             return done
         if shards is None:

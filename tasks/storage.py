@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -42,6 +43,7 @@ PREDICTIONS_SCHEMA = pa.schema(
 # Random floats do not compress and dictionary encoding makes them slower and larger.
 # Temporary files older than this whose writer is gone are leftovers of a killed run.
 LEFTOVER_AGE_SECONDS = 3600.0
+LEFTOVER_NAME = re.compile(r"\..+\.(?P<pid>\d+)-[0-9a-f]{32}\.tmp")
 PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
@@ -127,12 +129,13 @@ def sweep_leftovers(directory: Path, max_age_seconds: float = LEFTOVER_AGE_SECON
     removed = []
     now = time.time()
     for tmp in directory.rglob(".*.tmp"):
-        writer = tmp.name.rsplit(".", 2)[-2].split("-")[0]
+        # Only names atomic_path makes (.<name>.<pid>-<uuid hex>.tmp): never another program's files.
+        ours = LEFTOVER_NAME.fullmatch(tmp.name)
         try:
             old = now - tmp.stat().st_mtime > max_age_seconds
         except FileNotFoundError:
             continue
-        if old and not (writer.isdigit() and _pid_alive(int(writer))):
+        if ours and old and not _pid_alive(int(ours["pid"])):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

@@ -45,17 +45,20 @@ def test_a_many_date_backfill_matches_running_the_dates_one_by_one(cli, tmp_path
     assert len(filled.versions()) == len(DATES)
 
 
-class Run:
-    def __init__(self, completed):
-        self.state = type("State", (), {"is_completed": lambda self: completed})()
-
-
 def test_reprocess_decides_which_earlier_dates_run_again():
     from datetime import date
+    from types import SimpleNamespace
 
-    days = dates_between(date(2026, 4, 1), date(2026, 4, 3))
-    assert days == [date(2026, 4, 1), date(2026, 4, 2), date(2026, 4, 3)]
-    earlier = {"2026-04-01": Run(True), "2026-04-02": Run(False)}
-    assert to_run(days, earlier, "missing") == days[1:]
-    assert to_run(days, earlier, "failed") == [days[1]]
+    from prefect.states import Completed, Crashed, Failed, Running
+
+    days = dates_between(date(2026, 4, 1), date(2026, 4, 5))
+    assert days[0] == date(2026, 4, 1) and days[-1] == date(2026, 4, 5) and len(days) == 5
+    earlier = {
+        "2026-04-01": SimpleNamespace(state=Completed()),
+        "2026-04-02": SimpleNamespace(state=Failed()),
+        "2026-04-03": SimpleNamespace(state=Crashed()),
+        "2026-04-04": SimpleNamespace(state=Running()),  # still in flight: left to it
+    }
+    assert to_run(days, earlier, "missing") == [days[1], days[2], days[4]]
+    assert to_run(days, earlier, "failed") == [days[1], days[2]]
     assert to_run(days, earlier, "all") == days

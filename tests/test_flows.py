@@ -77,7 +77,11 @@ def test_rerun_is_served_from_cache(first_run, tmp_path):
 
 
 def test_refresh_recomputes_everything(first_run, tmp_path):
+    outputs = [storage.Path(first_run[key]) for key in ("checkpoint", "score_input", "predictions")]
+    written = [path.stat().st_mtime_ns for path in outputs]
     assert states(run_pipeline(tmp_path, refresh=True)) == ["Completed"] * 6
+    # Every file was written again, not found and reused.
+    assert all(path.stat().st_mtime_ns > before for path, before in zip(outputs, written, strict=True))
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])

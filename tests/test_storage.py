@@ -5,6 +5,7 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,19 +80,25 @@ def aged(path, seconds):
 
 
 def test_leftover_temporary_files_are_swept_by_age_never_a_live_writers(tmp_path):
-    gone_pid = subprocess.Popen(["true"])
-    gone_pid.wait()
-    old_dead = aged(write_file(tmp_path / f".model.pt.{gone_pid.pid}-abc.tmp"), 7200)
-    old_live = aged(write_file(tmp_path / f".data.parquet.{os.getpid()}-def.tmp"), 7200)
-    young_dead = write_file(tmp_path / f".other.parquet.{gone_pid.pid}-ghi.tmp")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    def leftover(folder, name, pid, age=0):
+        path = write_file(folder / f".{name}.{pid}-{uuid.uuid4().hex}.tmp")
+        return aged(path, age) if age else path
+
+    old_dead = leftover(tmp_path, "model.pt", gone.pid, 7200)
+    old_live = leftover(tmp_path, "data.parquet", os.getpid(), 7200)
+    young_dead = leftover(tmp_path, "other.parquet", gone.pid)
     nested = tmp_path / "p.parquet.parts"
     nested.mkdir()
-    old_nested = aged(write_file(nested / f".part-00000.parquet.{gone_pid.pid}-jkl.tmp"), 7200)
+    old_nested = leftover(nested, "part-00000.parquet", gone.pid, 7200)
+    foreign = aged(write_file(tmp_path / ".editor-swap.tmp"), 7200)  # not a name featuresum makes
     kept = write_file(tmp_path / "model.pt")
 
     removed = storage.sweep_leftovers(tmp_path)
     assert sorted(removed) == sorted([old_dead, old_nested])
-    assert old_live.exists() and young_dead.exists() and kept.exists()
+    assert old_live.exists() and young_dead.exists() and kept.exists() and foreign.exists()
 
 
 def test_a_lock_lets_one_producer_work_at_a_time(tmp_path):

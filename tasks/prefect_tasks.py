@@ -88,17 +88,17 @@ def _own_key() -> str:
 
 
 def file_task(**options: Any):
-    """Decorator for a heavy task: cached across runs as JSON, retried on transient file errors."""
-    return task(
-        cache_key_fn=cache_key,
-        persist_result=True,
-        result_serializer="json",
-        retries=FILE_RETRIES.retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=FILE_RETRIES.backoff_seconds),
-        retry_jitter_factor=FILE_RETRIES.jitter_factor,
-        retry_condition_fn=is_transient,
-        **options,
-    )
+    """Decorator for a heavy task: cached across runs as JSON, retried on transient file errors; `options` override."""
+    defaults = {
+        "cache_key_fn": cache_key,
+        "persist_result": True,
+        "result_serializer": "json",
+        "retries": FILE_RETRIES.retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=FILE_RETRIES.backoff_seconds),
+        "retry_jitter_factor": FILE_RETRIES.jitter_factor,
+        "retry_condition_fn": is_transient,
+    }
+    return task(**{**defaults, **options})
 
 
 def _reuse(path: Path, key: str, refresh: bool) -> dict[str, Any] | None:
@@ -140,15 +140,7 @@ def identity_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return storage.spec_key({"task": context.task.name, "path": str(path), **current})
 
 
-@task(
-    task_run_name="fingerprint-{path}",
-    cache_key_fn=identity_key,
-    persist_result=True,
-    result_serializer="json",
-    retries=FILE_RETRIES.retries,
-    retry_delay_seconds=exponential_backoff(backoff_factor=FILE_RETRIES.backoff_seconds),
-    retry_condition_fn=is_transient,
-)
+@file_task(task_run_name="fingerprint-{path}", cache_key_fn=identity_key)
 def fingerprint_input(path: str) -> dict[str, Any]:
     """Hash a user's file, so caching follows its content, not its name; reused while the file is unchanged."""
     if not Path(path).is_file():
@@ -308,15 +300,7 @@ def write_predictions(
         return manifest
 
 
-@task(
-    task_run_name="evaluate-model",
-    cache_key_fn=cache_key,
-    persist_result=True,
-    result_serializer="json",
-    retries=FILE_RETRIES.retries,
-    retry_delay_seconds=exponential_backoff(backoff_factor=FILE_RETRIES.backoff_seconds),
-    retry_condition_fn=is_transient,
-)
+@file_task(task_run_name="evaluate-model")
 def evaluate_model(model: dict[str, Any], holdout: dict[str, Any], device: str) -> dict[str, Any]:
     """Accuracy of a checkpoint on held-out rows: how the promotion gate measures the champion."""
     target = torch.device(device)

@@ -28,7 +28,7 @@ import typer
 
 from featuresum.flows import runtime
 from featuresum.flows.models import models_app
-from featuresum.flows.presets import PRESETS
+from featuresum.flows.presets import DRIFT_ALERT, DRIFT_WARN, PRESETS
 from featuresum.flows.server import server_app
 from featuresum.tasks.errors import EnvironmentFailure, InputError, Terminated
 
@@ -151,6 +151,22 @@ MinImprovement = Annotated[
     ),
 ]
 ShardRows = Annotated[int | None, typer.Option(min=1, help="Rows per scoring shard; each shard is one task run.")]
+DriftWarn = Annotated[
+    float,
+    typer.Option(min=0.0, help="PSI of a scored batch against its model's training rows from which drift is a warning"),
+]
+DriftAlert = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="PSI above which drift is an alert: the run emits the Prefect event featuresum.drift.detected.",
+    ),
+]
+
+
+def _drift_levels(warn: float, alert: float) -> None:
+    if warn > alert:
+        raise typer.BadParameter(f"--drift-warn {warn:g} is above --drift-alert {alert:g}")
 
 
 def _today() -> str:
@@ -363,10 +379,19 @@ def _report(summary: dict[str, Any], as_json: bool) -> None:
             print(f"{key:>12}: {summary[key]}")
     if gate := summary.get("registry"):
         print(f"{'champion':>12}: version {gate['champion_version']} ({gate['reason']})")
+    if drift := summary.get("drift"):
+        print(f"{'drift':>12}: {_drift_line(drift)}")
     for key, value in summary["metrics"].items():
         print(f"{key:>12}: {value:.4f}" if isinstance(value, float) else f"{key:>12}: {value}")
     for name, state in summary["task_states"].items():
         print(f"{state:>12}: {name}")
+
+
+def _drift_line(drift: dict[str, Any]) -> str:
+    """A batch's drift level and PSIs, as progress lines and reports show them."""
+
+    features, classes = (_cell(drift[key]) for key in ("feature_sum_psi", "predicted_class_psi"))
+    return f"{drift['level']} (feature-sum PSI {features}, predicted-class PSI {classes})"
 
 
 def _show_version(value: bool) -> None:
@@ -410,9 +435,12 @@ def run(
     dask_workers: DaskWorkers = None,
     shard_rows: ShardRows = None,
     min_improvement: MinImprovement = 0.0,
+    drift_warn: DriftWarn = DRIFT_WARN,
+    drift_alert: DriftAlert = DRIFT_ALERT,
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
+    _drift_levels(drift_warn, drift_alert)
     options = dict(locals())
     task_runner = _task_runner(options.pop("runner"), options.pop("dask_address"), options.pop("dask_workers"))
     as_json = options.pop("json_output")
@@ -475,9 +503,12 @@ def score(
     dask_address: DaskAddress = None,
     dask_workers: DaskWorkers = None,
     shard_rows: ShardRows = None,
+    drift_warn: DriftWarn = DRIFT_WARN,
+    drift_alert: DriftAlert = DRIFT_ALERT,
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
+    _drift_levels(drift_warn, drift_alert)
     from featuresum.tasks import storage
     from featuresum.tasks.checkpoint import load_checkpoint
     from featuresum.tasks.registry import Registry
@@ -509,11 +540,17 @@ def score(
         "data_dir": str(data_dir),
         "artifacts_dir": str(artifacts_dir),
         "device": device.value,
+        "drift_warn": drift_warn,
+        "drift_alert": drift_alert,
         "refresh": refresh,
     }
     if shard_rows:
         parameters["shard_rows"] = shard_rows
     _execute("score", parameters, json_output, _task_runner(runner, dask_address, dask_workers))
+
+
+# What `--json` reports of a scored batch's drift.
+DRIFT_KEYS = ("feature_sum_psi", "predicted_class_psi", "level")
 
 
 class ReprocessChoice(StrEnum):
@@ -561,9 +598,12 @@ def backfill(
     device: DeviceOpt = DeviceChoice.auto,
     shard_rows: ShardRows = None,
     min_improvement: MinImprovement = 0.0,
+    drift_warn: DriftWarn = DRIFT_WARN,
+    drift_alert: DriftAlert = DRIFT_ALERT,
     refresh: Refresh = False,
     json_output: JsonOpt = False,
 ) -> None:
+    _drift_levels(drift_warn, drift_alert)
     options = dict(locals())
     for name in ("from_date", "to_date", "reprocess", "deployment", "json_output"):
         del options[name]
@@ -598,10 +638,12 @@ def backfill(
                     "state": "Completed",
                     "model_version": summary["model_version"],
                     "promoted": gate["promoted"],
+                    "drift": summary["drift"],
                 }
             )
             kept = "promoted to champion" if gate["promoted"] else f"champion stays version {gate['champion_version']}"
-            print(f"{day}: Completed, model version {summary['model_version']}, {kept}", file=sys.stderr, flush=True)
+            drift = _drift_line(summary["drift"])
+            print(f"{day}: Completed, model version {summary['model_version']}, {kept}; drift {drift}", file=sys.stderr)
     _report_backfill(runs, artifacts_dir, json_output)
 
 
@@ -618,6 +660,7 @@ def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[l
     from prefect.exceptions import ObjectNotFound
 
     from featuresum.flows import backfill as backfills
+    from featuresum.tasks import monitoring
     from featuresum.tasks.registry import Registry
 
     try:
@@ -632,6 +675,7 @@ def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[l
             runs.append(_skipped(day, run))
             continue
         version = next((v for v in registry.versions() if v.flow_run_id == str(run.id)), None)
+        batch = next((row for row in monitoring.read_history(artifacts_dir) if row["flow_run_id"] == str(run.id)), None)
         runs.append(
             {
                 "run_date": day.isoformat(),
@@ -639,6 +683,7 @@ def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[l
                 "state": run.state.name,
                 "model_version": version.version if version else None,
                 "promoted": any(change.flow_run_id == str(run.id) for change in registry.history()),
+                "drift": {key: batch[key] for key in DRIFT_KEYS} if batch else None,
             }
         )
         print(f"{day}: {run.state.name}, run {run.name}", file=sys.stderr, flush=True)
@@ -684,18 +729,56 @@ def serve(
     device: DeviceOpt = DeviceChoice.auto,
     shard_rows: ShardRows = None,
     min_improvement: MinImprovement = 0.0,
+    drift_warn: DriftWarn = DRIFT_WARN,
+    drift_alert: DriftAlert = DRIFT_ALERT,
+    retrain_on_drift: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the deployment when a batch scored with its artifacts folder drifts to level alert "
+            "(a trigger on the featuresum.drift.detected event), for the date of that batch."
+        ),
+    ] = False,
     refresh: Refresh = False,
 ) -> None:
     """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
+    _drift_levels(drift_warn, drift_alert)
     options = dict(locals())
-    del options["cron"], options["timezone"], options["name"]
+    del options["cron"], options["timezone"], options["name"], options["retrain_on_drift"]
     from featuresum.flows.serve import cron_schedule, serve_pipeline
 
     when = cron_schedule(cron, timezone)
     # Absolute folders: runs execute in subprocesses and may be triggered from anywhere.
     options.update(data_dir=data_dir.resolve(), artifacts_dir=artifacts_dir.resolve())
     prepare_folders(options["data_dir"], options["artifacts_dir"])
-    serve_pipeline(name, when, flow_parameters(options.pop("preset"), **options))
+    serve_pipeline(name, when, flow_parameters(options.pop("preset"), **options), retrain_on_drift)
+
+
+@app.command()
+def monitor(
+    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    last: Annotated[int, typer.Option(min=1, help="Show the latest N scored batches.")] = 30,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the rows as one JSON list.")] = False,
+) -> None:
+    """Show the monitoring history: drift (PSI) and accuracy of every scored batch, by date."""
+    from featuresum.tasks import monitoring
+
+    rows = monitoring.read_history(artifacts_dir)[-last:]
+    if json_output:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        print(f"no scored batches yet in {monitoring.history_path(artifacts_dir)}")
+        return
+    columns = ("run_date", "model_version", "rows", "feature_sum_psi", "predicted_class_psi")
+    columns += ("feature_sum_mean", "mean_confidence", "accuracy", "level")
+    cells = [[_cell(row[name]) for name in columns] for row in rows]
+    widths = [max(len(name), *(len(line[i]) for line in cells)) for i, name in enumerate(columns)]
+    for line in [list(columns), *cells]:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 app.add_typer(server_app, name="server")

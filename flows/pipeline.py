@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task
 
-from featuresum.flows.presets import DEFAULT, SHARD_ROWS
-from featuresum.tasks import reports, storage
+from featuresum.flows.presets import DEFAULT, DRIFT_ALERT, DRIFT_WARN, SHARD_ROWS
+from featuresum.tasks import monitoring, reports, storage
 from featuresum.tasks.errors import InputError
 from featuresum.tasks.prefect_tasks import (
     evaluate_model,
     fingerprint_input,
     generate_dataset,
+    monitor_batch,
     score_shard,
     task_key,
     train_model,
@@ -108,11 +109,18 @@ def _run_name(kind: str) -> Callable[[], str]:
 
 
 def _tag_date(day: date) -> None:
-    """Add the run's date to its tags, so the UI can filter runs by the date they processed."""
+    """Add the run's date to its tags, so the UI can filter runs by the date they processed.
+
+    A deployment run that a drift alert started (through the deployment's trigger) is tagged as
+    such instead of `scheduled`, so the UI tells it from the runs of the schedule.
+    """
     from prefect.client.orchestration import get_client
 
+    tags = [*flow_run.tags, f"date-{day}"]
     with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, f"date-{day}"])
+        if deployment.id and monitoring.started_by_drift(client.read_flow_run(flow_run.id).created_by):
+            tags = [tag for tag in tags if tag != "scheduled"] + [monitoring.RETRAIN_TAG]
+        client.update_flow_run(flow_run.id, tags=tags)
 
 
 def _score(
@@ -154,6 +162,33 @@ def _score_shards(scored: dict, path: Path, shard_rows: int, refresh: bool, stat
         shard = future.result()
         shards.append({k: shard[k] for k in ("path", "fingerprint", "rows", "labelled", "correct", "class_counts")})
     return shards
+
+
+def _monitor(
+    model: dict,
+    batch: dict,
+    predictions: dict,
+    day: date,
+    thresholds: dict[str, float],
+    artifacts_dir: str,
+    refresh: bool,
+    states: dict,
+) -> dict[str, Any]:
+    """Drift and accuracy of the scored batch, added to the monitoring history; returns `--json`'s drift."""
+    registered = Registry(Path(artifacts_dir).resolve()).find(model["fingerprint"])
+    monitored = _call(
+        monitor_batch,
+        states,
+        model=_ref(model),
+        batch=_ref(batch),
+        predictions={key: predictions.get(key) for key in ("path", "fingerprint", "score_accuracy")},
+        run_date=day.isoformat(),
+        model_version=registered.version if registered else None,
+        thresholds=thresholds,
+        artifacts_dir=str(Path(artifacts_dir).resolve()),
+        refresh=refresh,
+    )
+    return monitored["drift"]
 
 
 def _sweep(*directories: str) -> None:
@@ -379,11 +414,14 @@ def score_flow(
     artifacts_dir: str = "artifacts",
     device: Device = "auto",
     shard_rows: int = SHARD_ROWS,
+    drift_warn: float = DRIFT_WARN,
+    drift_alert: float = DRIFT_ALERT,
     refresh: bool = False,
 ) -> dict[str, Any]:
-    """Score a Parquet file, or the synthetic batch of `samples` rows of the run date, with a checkpoint."""
+    """Score a Parquet file, or the synthetic batch of `samples` rows of the run date, with a checkpoint; monitor it."""
     states = _task_runs()
     _refuse_overwriting_inputs(output, model, input)
+    monitoring.check_thresholds(drift_warn, drift_alert)
     day = _begin(run_date, data_dir, artifacts_dir)
     fingerprint = fingerprint_input.with_options(refresh_cache=refresh)
     checkpoint = _call(fingerprint, states, path=str(Path(model).resolve()))
@@ -394,10 +432,12 @@ def score_flow(
         features = _generate("score", rows, day, Source(seed, drift, data_dir), refresh, states)
     device = _device(device)
     predictions = _score(checkpoint, features, device, artifacts_dir, output, shard_rows, refresh, states)
+    thresholds = {"warn": drift_warn, "alert": drift_alert}
+    observed = _monitor(checkpoint, features, predictions, day, thresholds, artifacts_dir, refresh, states)
     summary = _summary(states, checkpoint=checkpoint, score_input=features, predictions=predictions)
     if registered := Registry(Path(artifacts_dir).resolve()).find(checkpoint["fingerprint"]):
         summary["model_version"] = registered.version
-    return summary
+    return {**summary, "run_date": day.isoformat(), "drift": observed}
 
 
 @flow(name="featuresum-pipeline", flow_run_name=_run_name("pipeline"), task_runner=IN_PROCESS)
@@ -420,10 +460,13 @@ def pipeline_flow(
     device: Device = "auto",
     shard_rows: int = SHARD_ROWS,
     min_improvement: float = 0.0,
+    drift_warn: float = DRIFT_WARN,
+    drift_alert: float = DRIFT_ALERT,
     refresh: bool = False,
 ) -> dict[str, Any]:
-    """Train a challenger on the run date's data, gate it, then score the date's batch with the champion."""
+    """Train a challenger on the run date's data, gate it, score the date's batch with the champion, monitor it."""
     states = _task_runs()
+    monitoring.check_thresholds(drift_warn, drift_alert)
     day = _begin(run_date, data_dir, artifacts_dir)
     device = _device(device)
     window = Window(day, window_days, train_samples, holdout_samples)
@@ -433,6 +476,9 @@ def pipeline_flow(
     gate = _gate(model, holdout, window, artifacts_dir, min_improvement, device, states)
     batch = _generate("score", score_samples, day, source, refresh, states)
     predictions = _score(gate["champion"], batch, device, artifacts_dir, None, shard_rows, refresh, states)
+    thresholds = {"warn": drift_warn, "alert": drift_alert}
+    observed = _monitor(gate["champion"], batch, predictions, day, thresholds, artifacts_dir, refresh, states)
     outputs = {"train_data": train, "holdout_data": holdout, "checkpoint": model, "score_input": batch}
     summary = _summary(states, **outputs, predictions=predictions)
-    return {**_registered(summary, gate), "run_date": day.isoformat(), "scored_with": gate["champion"]["path"]}
+    scored = {"run_date": day.isoformat(), "scored_with": gate["champion"]["path"], "drift": observed}
+    return {**_registered(summary, gate), **scored}

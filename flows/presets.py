@@ -8,6 +8,9 @@ from typing import Any
 
 # Rows per scoring shard (whole row groups); each shard is one task run, in parallel on Dask.
 SHARD_ROWS = 262_144
+# Drift levels of a scored batch by its largest PSI: ok below DRIFT_WARN, warn up to DRIFT_ALERT, alert above.
+DRIFT_WARN = 0.1
+DRIFT_ALERT = 0.25
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import typer
 from featuresum.flows import runtime
 
 if TYPE_CHECKING:
+    from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Schedule
 
 # At most one run of the deployment at a time: a run that comes due while another is still
@@ -34,11 +35,32 @@ def cron_schedule(cron: str, timezone: str) -> "Schedule":
     return Cron(cron, timezone=timezone)
 
 
-def serve_pipeline(name: str, schedule: "Schedule", parameters: dict[str, Any]) -> None:
+def drift_trigger(name: str, artifacts_dir: str) -> "DeploymentEventTrigger":
+    """A trigger that runs the deployment for the date of a batch that drifted to level alert.
+
+    It matches the drift events of models in the deployment's own artifacts folder only, and the
+    event's payload gives the run its date; every other parameter is the deployment's.
+    """
+    from prefect.events import DeploymentEventTrigger
+
+    from featuresum.tasks import monitoring
+
+    return DeploymentEventTrigger(
+        name=f"{monitoring.RETRAIN_AUTOMATION} ({name})",
+        description=f"Retrain when a batch scored with the models in {artifacts_dir} drifts to level alert.",
+        expect={monitoring.DRIFT_EVENT},
+        match={"featuresum.artifacts-dir": artifacts_dir},
+        parameters={"run_date": "{{ event.payload.date }}"},
+    )
+
+
+def serve_pipeline(name: str, schedule: "Schedule", parameters: dict[str, Any], retrain_on_drift: bool) -> None:
     """Create (or update) the deployment `featuresum-pipeline/<name>` and execute its runs until stopped."""
     from prefect.types.entrypoint import EntrypointType
 
     from featuresum.flows.pipeline import pipeline_flow
+
+    triggers = [drift_trigger(name, parameters["artifacts_dir"])] if retrain_on_drift else []
 
     with runtime.prefect_api():
         pipeline_flow.serve(
@@ -46,8 +68,9 @@ def serve_pipeline(name: str, schedule: "Schedule", parameters: dict[str, Any]) 
             schedules=[schedule],
             parameters=parameters,
             limit=RUN_LIMIT,
+            triggers=triggers,
             tags=["featuresum", "scheduled", f"seed-{parameters['seed']}"],
-            description="Scheduled retraining: generate data, train and checkpoint, score a new batch.",
+            description="Scheduled retraining: generate data, train and checkpoint, score a new batch, monitor it.",
             # The installed module, not a file path relative to wherever serve was started.
             entrypoint_type=EntrypointType.MODULE_PATH,
         )

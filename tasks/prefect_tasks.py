@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
-from featuresum.tasks import data, reports, scoring, storage, training
+from featuresum.tasks import data, monitoring, reports, scoring, storage, training
 from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from featuresum.tasks.errors import InputError
 
@@ -222,7 +223,13 @@ def _train(
         "val_accuracy": training.accuracy(confusion),
         "holdout_rows": len(holdout_data[0]),
     }
-    save_checkpoint(path, training.to_checkpoint(state, settings, {**provenance, "metrics": metrics}))
+    baseline = monitoring.reference(
+        x.sum(dim=1, dtype=torch.float64).cpu().numpy(),
+        float(x.std(dim=0).mean()),
+        confusion.sum(dim=0).tolist(),
+    )
+    extra = {**provenance, "metrics": metrics, "reference": baseline}
+    save_checkpoint(path, training.to_checkpoint(state, settings, extra))
     partial.unlink(missing_ok=True)
     reports.publish_training(state.history, metrics, confusion, str(path))
     return storage.write_manifest(
@@ -307,3 +314,93 @@ def evaluate_model(model: dict[str, Any], holdout: dict[str, Any], device: str) 
     classifier = model_from_checkpoint(load_checkpoint(Path(model["path"])), target)
     x, y = (t.to(target) for t in storage.read_dataset(Path(holdout["path"])))
     return {"accuracy": training.accuracy(training.evaluate(classifier, x, y)), "rows": len(y)}
+
+
+@task(
+    task_run_name="monitor-{run_date}",
+    cache_policy=NO_CACHE,
+    retries=FILE_RETRIES.retries,
+    retry_condition_fn=is_transient,
+)
+def monitor_batch(
+    model: dict[str, Any],
+    batch: dict[str, Any],
+    predictions: dict[str, Any],
+    run_date: str,
+    model_version: int | None,
+    thresholds: dict[str, float],
+    artifacts_dir: str,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Drift and accuracy of a scored batch against its model's reference: a history row, artifacts, an event.
+
+    A batch already in the history keeps its row (and raises no second event) unless refreshed.
+    """
+    logger = get_run_logger()
+    figures = monitoring.batch_figures(Path(predictions["path"]), load_checkpoint(Path(model["path"])).get("reference"))
+    row = {
+        "run_date": run_date,
+        "model_version": model_version,
+        "model_fingerprint": model["fingerprint"],
+        "batch": batch["path"],
+        "batch_fingerprint": batch["fingerprint"],
+        "predictions": predictions["path"],
+        **figures,
+        "accuracy": predictions.get("score_accuracy"),
+        "level": monitoring.level(
+            (figures["feature_sum_psi"], figures["predicted_class_psi"]), thresholds["warn"], thresholds["alert"]
+        ),
+        "flow_run_id": str(TaskRunContext.get().task_run.flow_run_id),
+    }
+    row, new = monitoring.record(Path(artifacts_dir), row, replace=refresh)
+    history = monitoring.read_history(Path(artifacts_dir))
+    reports.publish_monitoring(history, thresholds["warn"], thresholds["alert"])
+    drift = {"feature_sum_psi": row["feature_sum_psi"], "predicted_class_psi": row["predicted_class_psi"]}
+    described = (
+        f"batch of {run_date}: feature-sum PSI {_psi(drift['feature_sum_psi'])}, "
+        f"predicted-class PSI {_psi(drift['predicted_class_psi'])}, level {row['level']}"
+    )
+    if row["level"] == "ok":
+        logger.info("No drift in the %s", described)
+    elif row["level"] == "unknown":
+        logger.warning("No drift figures for the %s: the model's checkpoint holds no reference", described)
+    else:
+        logger.warning(
+            "Drift in the %s (warn from %g, alert above %g)", described, thresholds["warn"], thresholds["alert"]
+        )
+    if row["level"] == "alert" and new:
+        _emit_drift(row, artifacts_dir)
+    return {**row, "drift": {**drift, "level": row["level"]}, "new": new}
+
+
+def _psi(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _emit_drift(row: dict[str, Any], artifacts_dir: str) -> None:
+    """Tell Prefect's event system (automations, deployment triggers) that a batch drifted."""
+    from prefect.events import emit_event
+
+    version = row["model_version"]
+    name = f"model version {version}" if version is not None else f"model {row['model_fingerprint'][:12]}"
+    emitted = emit_event(
+        event=monitoring.DRIFT_EVENT,
+        resource={
+            "prefect.resource.id": f"featuresum.model.{version if version is not None else row['model_fingerprint']}",
+            "prefect.resource.name": name,
+            "featuresum.artifacts-dir": str(Path(artifacts_dir).resolve()),
+        },
+        payload={
+            "date": row["run_date"],
+            "level": row["level"],
+            "feature_sum_psi": row["feature_sum_psi"],
+            "predicted_class_psi": row["predicted_class_psi"],
+            "accuracy": row["accuracy"],
+            "rows": row["rows"],
+            "model_version": version,
+            "batch": row["batch"],
+        },
+    )
+    get_run_logger().warning(
+        "Emitted %s for %s (%s)", monitoring.DRIFT_EVENT, name, "sent" if emitted else "no events client"
+    )

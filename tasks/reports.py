@@ -5,6 +5,7 @@ from typing import Any
 import torch
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from featuresum.tasks import monitoring
 from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES
 from featuresum.tasks.scoring import ScoreSummary
 
@@ -111,3 +112,35 @@ def publish_promotion(decision: dict[str, Any]) -> None:
             },
         ],
     )
+
+
+# Rows of the monitoring history that the UI's table shows: the latest ones.
+MONITORING_ROWS = 30
+
+
+def publish_monitoring(history: list[dict[str, Any]], warn: float, alert: float) -> None:
+    """The latest rows of the monitoring history as a table, and a text chart of drift and accuracy by date."""
+    latest = history[-MONITORING_ROWS:]
+    columns = ("run_date", "model_version", "rows", "feature_sum_psi", "predicted_class_psi")
+    columns += ("feature_sum_mean", "feature_sum_std", "mean_confidence", "accuracy", "level")
+    create_table_artifact(
+        key="featuresum-monitoring",
+        description=f"Drift and accuracy of the last {len(latest)} of {len(history)} scored batches, by date",
+        table=[{name: _rounded(row[name]) for name in columns} for row in latest],
+    )
+    create_markdown_artifact(
+        key="featuresum-monitoring-chart",
+        description="Feature-sum PSI and accuracy by date",
+        markdown="\n".join(
+            [
+                "# Drift and accuracy by date",
+                f"Levels of this run: ok below a PSI of {warn:g}, warn up to {alert:g}, alert above.",
+                "",
+                monitoring.chart(latest, alert),
+            ]
+        ),
+    )
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value

@@ -1,0 +1,217 @@
+"""Monitoring: drift and accuracy of every scored batch, against the reference of the model that scored it.
+
+A model's reference is recorded when it is trained: quantile bins of its training rows' feature sums,
+its predicted-class histogram on its held-out rows, and summary statistics of the features. A scored
+batch is compared with it by the population stability index (PSI),
+
+    PSI = sum over bins of (actual share - expected share) * ln(actual share / expected share),
+
+which is 0 for identical histograms; below 0.1 is usually read as no shift, above 0.25 as a large one.
+Every batch's figures are one row of the monitoring history, `monitoring.parquet` in the artifacts folder.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featuresum.tasks import storage
+from featuresum.tasks.errors import InputError
+
+REFERENCE_BINS = 10
+# The Prefect event a batch at level alert emits; `featuresum serve --retrain-on-drift` triggers on it.
+DRIFT_EVENT = "featuresum.drift.detected"
+# The automation that `serve --retrain-on-drift` creates is named after this; the runs it starts carry the tag.
+RETRAIN_AUTOMATION = "featuresum: retrain on drift"
+RETRAIN_TAG = "retrain-on-drift"
+# An empty bin would make the PSI infinite; shares are floored at this, as is usual.
+SHARE_FLOOR = 1e-4
+HISTORY_FILE = "monitoring.parquet"
+HISTORY_SCHEMA = pa.schema(
+    [
+        ("run_date", pa.string()),
+        ("recorded", pa.string()),
+        ("model_version", pa.int64()),
+        ("model_fingerprint", pa.string()),
+        ("batch", pa.string()),
+        ("batch_fingerprint", pa.string()),
+        ("predictions", pa.string()),
+        ("rows", pa.int64()),
+        ("feature_sum_psi", pa.float64()),
+        ("predicted_class_psi", pa.float64()),
+        ("feature_sum_mean", pa.float64()),
+        ("feature_sum_std", pa.float64()),
+        ("mean_confidence", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("level", pa.string()),
+        ("flow_run_id", pa.string()),
+    ]
+)
+# What a batch of the history is: the model that scored it and the rows it scored.
+HISTORY_KEY = ("model_fingerprint", "batch_fingerprint")
+# Columns of a predictions file that monitoring reads, in batches of this many rows.
+PREDICTION_COLUMNS = ["feature_sum", "predicted_class", "confidence"]
+READ_ROWS = 262_144
+
+
+def reference(feature_sums: np.ndarray, feature_std: float, predicted_counts: Sequence[int]) -> dict[str, Any]:
+    """A model's reference: decile bins of its training feature sums, held-out predictions, feature statistics.
+
+    `feature_sums` are the training rows' sums, `feature_std` the mean standard deviation of a
+    feature over them, `predicted_counts` the class histogram of its predictions on held-out rows.
+    """
+    sums = np.asarray(feature_sums, dtype=np.float64)
+    edges = np.quantile(sums, np.arange(1, REFERENCE_BINS) / REFERENCE_BINS)
+    return {
+        "feature_sum_edges": edges.tolist(),
+        "feature_sum_counts": bin_counts(sums, edges.tolist()).tolist(),
+        "predicted_class_counts": [int(count) for count in predicted_counts],
+        "rows": len(sums),
+        "feature_sum_mean": float(sums.mean()),
+        "feature_sum_std": float(sums.std()),
+        "feature_std": float(feature_std),
+    }
+
+
+def bin_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Counts of `values` in the bins that the interior `edges` make (the outer bins are open)."""
+    return np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+
+
+def psi(expected: Sequence[float], actual: Sequence[float]) -> float | None:
+    """Population stability index of the histogram `actual` against `expected` (counts or shares).
+
+    None when either histogram is empty. Shares are floored at SHARE_FLOOR so an empty bin counts
+    as a large shift instead of an infinite one.
+    """
+    expected, actual = np.asarray(expected, dtype=np.float64), np.asarray(actual, dtype=np.float64)
+    if expected.shape != actual.shape:
+        raise ValueError(f"histograms of {len(expected)} and {len(actual)} bins cannot be compared")
+    if expected.sum() <= 0 or actual.sum() <= 0:
+        return None
+    e = np.maximum(expected / expected.sum(), SHARE_FLOOR)
+    a = np.maximum(actual / actual.sum(), SHARE_FLOOR)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def check_thresholds(warn: float, alert: float) -> None:
+    """Refuse thresholds that cannot order the levels."""
+    if not 0 <= warn <= alert:
+        raise InputError(f"drift thresholds must satisfy 0 <= warn <= alert; got warn {warn:g}, alert {alert:g}")
+
+
+def level(psis: Sequence[float | None], warn: float, alert: float) -> str:
+    """ok below `warn`, warn up to `alert`, alert above, judged on the largest PSI; unknown with none."""
+    known = [value for value in psis if value is not None]
+    if not known:
+        return "unknown"
+    worst = max(known)
+    return "ok" if worst < warn else "warn" if worst <= alert else "alert"
+
+
+def started_by_drift(created_by: Any) -> bool:
+    """Whether a flow run's creator (Prefect's `created_by`) is a retrain-on-drift automation."""
+    if created_by is None or created_by.type != "AUTOMATION":
+        return False
+    return (created_by.display_value or "").startswith(RETRAIN_AUTOMATION)
+
+
+def _batches(predictions: Path) -> Iterator[pa.RecordBatch]:
+    file = pq.ParquetFile(predictions, pre_buffer=False)
+    yield from file.iter_batches(batch_size=READ_ROWS, columns=PREDICTION_COLUMNS)
+
+
+def batch_figures(predictions: Path, model_reference: dict[str, Any] | None) -> dict[str, Any]:
+    """PSIs, mean and spread of the feature sums and mean confidence of a predictions file, read in batches.
+
+    Memory stays bounded whatever the file's size. Without a reference (a checkpoint from before
+    references were recorded) the PSIs are None.
+    """
+    edges = model_reference["feature_sum_edges"] if model_reference else []
+    sum_bins = np.zeros(len(edges) + 1, dtype=np.int64)
+    class_bins = np.zeros(len(model_reference["predicted_class_counts"]) if model_reference else 0, dtype=np.int64)
+    rows, total, squares, confidence = 0, 0.0, 0.0, 0.0
+    for batch in _batches(predictions):
+        sums = batch.column("feature_sum").to_numpy()
+        rows += len(sums)
+        total += float(sums.sum())
+        squares += float(np.square(sums).sum())
+        confidence += float(batch.column("confidence").to_numpy().sum(dtype=np.float64))
+        if model_reference:
+            sum_bins += bin_counts(sums, edges)
+            class_bins += np.bincount(batch.column("predicted_class").to_numpy(), minlength=len(class_bins))
+    mean = total / rows if rows else None
+    figures = {
+        "rows": rows,
+        "feature_sum_psi": None,
+        "predicted_class_psi": None,
+        "feature_sum_mean": mean,
+        "feature_sum_std": math.sqrt(max(squares / rows - mean * mean, 0.0)) if rows else None,
+        "mean_confidence": confidence / rows if rows else None,
+    }
+    if model_reference:
+        figures["feature_sum_psi"] = psi(model_reference["feature_sum_counts"], sum_bins)
+        figures["predicted_class_psi"] = psi(model_reference["predicted_class_counts"], class_bins)
+    return figures
+
+
+def history_path(artifacts_dir: Path) -> Path:
+    """The monitoring history of an artifacts folder."""
+    return Path(artifacts_dir) / HISTORY_FILE
+
+
+def read_history(artifacts_dir: Path) -> list[dict[str, Any]]:
+    """Every row of the monitoring history, oldest first (none when nothing was scored yet)."""
+    path = history_path(artifacts_dir)
+    try:
+        return pq.read_table(path).to_pylist()
+    except FileNotFoundError:
+        return []
+    except pa.ArrowInvalid as error:
+        raise InputError(f"{path}: not a monitoring history ({error}); move it aside") from None
+
+
+def record(artifacts_dir: Path, row: dict[str, Any], replace: bool = False) -> tuple[dict[str, Any], bool]:
+    """Add a scored batch's row to the history; returns (the row as stored, whether it is new).
+
+    A batch already in the history (same model, same rows) keeps its row unless `replace`. Writers
+    queue on a lock and replace the file atomically, so concurrent runs never lose each other's rows
+    and a reader never sees half a file.
+    """
+    path = history_path(artifacts_dir)
+    row = {"recorded": datetime.now(UTC).isoformat(timespec="seconds"), **row}
+    with storage.exclusive(path):
+        rows = read_history(artifacts_dir)
+        key = tuple(row[name] for name in HISTORY_KEY)
+        earlier = [kept for kept in rows if tuple(kept[name] for name in HISTORY_KEY) == key]
+        if earlier and not replace:
+            return earlier[-1], False
+        stored = {name: row.get(name) for name in HISTORY_SCHEMA.names}
+        rows = [kept for kept in rows if kept not in earlier] + [stored]
+        rows.sort(key=lambda kept: (kept["run_date"] or "", kept["recorded"]))
+        with storage.atomic_path(path) as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA), tmp)
+    return stored, not earlier
+
+
+def chart(rows: list[dict[str, Any]], alert: float, width: int = 24) -> str:
+    """A markdown table with a text bar per batch: feature-sum PSI (scaled to at least `alert`) and accuracy by date."""
+    scale = max([row["feature_sum_psi"] or 0.0 for row in rows] + [alert])
+    lines = ["| date | model | feature-sum PSI | | level | accuracy |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        value = row["feature_sum_psi"]
+        bar = "" if value is None else "█" * max(1, round(width * value / scale)) if value > 0 else ""
+        lines.append(
+            f"| {row['run_date']} | {row['model_version'] or row['model_fingerprint'][:12]} | {_figure(value)} "
+            f"| `{bar or ' '}` | {row['level']} | {_figure(row['accuracy'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

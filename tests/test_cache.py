@@ -55,7 +55,8 @@ def test_scoring_with_model_a_then_b_then_a_into_one_output_gives_as_predictions
     assert second["metrics"]["score_accuracy"] != first["metrics"]["score_accuracy"]
 
     again = score_flow(model=a, input=rows, output=output, **dirs)
-    assert sorted(states(again).values()) == ["Cached"] * 3  # two fingerprints and the predictions; no shard runs
+    # Two fingerprints and the predictions, no shard runs; monitoring runs for every scored batch.
+    assert sorted(states(again).values()) == ["Cached"] * 3 + ["Completed"]
 
 
 def test_changed_shard_layout_never_reuses_shards_of_another_layout(two_models, tmp_path, monkeypatch):

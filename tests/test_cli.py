@@ -20,16 +20,17 @@ def test_run_prints_one_json_object_and_a_clean_log(cli, tmp_path):
         assert summary[key], key
     assert set(summary["metrics"]) >= {"val_accuracy", "train_loss", "score_accuracy"}
     assert summary["start_epoch"] == 0 and summary["epochs_completed"] == 2
-    assert sorted(summary["task_states"].values()) == ["Completed"] * 6
+    assert sorted(summary["task_states"].values()) == ["Completed"] * 7
     assert pq.read_table(summary["predictions"]).num_rows == 700
     assert summary["ui"].startswith("http://127.0.0.1:")
     for bad in ("ERROR", "Traceback", "database is locked"):
         assert bad not in result.stderr
 
     again = run_json(cli(*small_run_args(tmp_path), "--json"))
-    assert sorted(again["task_states"].values()) == ["Cached"] * 5  # no shard runs: the predictions are intact
+    # No shard runs: the predictions are intact; the monitoring step runs for every scored batch.
+    assert sorted(again["task_states"].values()) == ["Cached"] * 5 + ["Completed"]
     forced = run_json(cli(*small_run_args(tmp_path), "--json", "--refresh"))
-    assert sorted(forced["task_states"].values()) == ["Completed"] * 6
+    assert sorted(forced["task_states"].values()) == ["Completed"] * 7
 
 
 def test_score_with_the_champion_or_a_version_number(cli, tmp_path):

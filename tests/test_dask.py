@@ -21,8 +21,8 @@ def test_dask_runner_scores_shards_identically(prefect, checkpoint, tmp_path):
     on_dask = score_flow.with_options(task_runner=DaskTaskRunner(cluster_kwargs=cluster))
     distributed = on_dask(**options, output=str(tmp_path / "dask.parquet"))
 
-    # Two input fingerprints (unchanged files: cached from the first run), three shards, one predictions file.
-    assert sorted(distributed["task_runs"].values()) == ["Cached"] * 2 + ["Completed"] * 4
+    # Two input fingerprints (unchanged files: cached from the first run), three shards, predictions, monitoring.
+    assert sorted(distributed["task_runs"].values()) == ["Cached"] * 2 + ["Completed"] * 5
     expected, actual = pq.read_table(default["predictions"]), pq.read_table(distributed["predictions"])
     assert expected.num_rows == 5000
     assert actual.drop(["confidence"]).equals(expected.drop(["confidence"]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featuresum.flows.pipeline import pipeline_flow, score_flow
-from featuresum.tasks import data, storage
+from featuresum.tasks import data, monitoring, storage
 from featuresum.tasks.checkpoint import load_checkpoint
 
 SMALL = {"train_samples": 3000, "holdout_samples": 800, "score_samples": 600, "epochs": 2, "batch_size": 128}
@@ -67,10 +67,10 @@ def states(summary):
 
 
 def test_rerun_is_served_from_cache(first_run, tmp_path):
-    assert states(first_run) == ["Completed"] * 6
+    assert states(first_run) == ["Completed"] * 7
     again = run_pipeline(tmp_path)
-    # The predictions file is still the one these inputs give, so no shard runs at all.
-    assert states(again) == ["Cached"] * 5
+    # The predictions file is still the one these inputs give, so no shard runs at all; monitoring always runs.
+    assert states(again) == ["Cached"] * 5 + ["Completed"]
     assert {k: again[k] for k in ("checkpoint", "predictions")} == {
         k: first_run[k] for k in ("checkpoint", "predictions")
     }
@@ -79,7 +79,7 @@ def test_rerun_is_served_from_cache(first_run, tmp_path):
 def test_refresh_recomputes_everything(first_run, tmp_path):
     outputs = [storage.Path(first_run[key]) for key in ("checkpoint", "score_input", "predictions")]
     written = [path.stat().st_mtime_ns for path in outputs]
-    assert states(run_pipeline(tmp_path, refresh=True)) == ["Completed"] * 6
+    assert states(run_pipeline(tmp_path, refresh=True)) == ["Completed"] * 7
     # Every file was written again, not found and reused.
     assert all(path.stat().st_mtime_ns > before for path, before in zip(outputs, written, strict=True))
 
@@ -96,7 +96,7 @@ def test_damaged_output_is_recomputed_not_served_from_cache(first_run, tmp_path,
         other = storage.Path(first_run["score_input"]).read_bytes()
         predictions.write_bytes(other)
     again = run_pipeline(tmp_path)
-    assert sorted(again["task_runs"].values()) == ["Cached"] * 4 + ["Completed"] * 2
+    assert sorted(again["task_runs"].values()) == ["Cached"] * 4 + ["Completed"] * 3
     assert predictions.read_bytes() == original
 
 
@@ -121,3 +121,42 @@ def test_task_results_are_small_json_documents(first_run, tmp_path):
         assert record.stat().st_size < 20_000, record
         stored = json.loads(record.read_text())
         assert stored["metadata"]["serializer"]["type"] == "json"
+
+
+def test_every_scored_batch_is_monitored_against_its_models_reference(first_run, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    reference = load_checkpoint(storage.Path(first_run["checkpoint"]))["reference"]
+    assert len(reference["feature_sum_edges"]) == 9 and sum(reference["feature_sum_counts"]) == SMALL["train_samples"]
+    assert sum(reference["predicted_class_counts"]) == SMALL["holdout_samples"]
+    assert first_run["drift"]["level"] == "ok" and first_run["drift"]["feature_sum_psi"] < 0.1
+
+    dirs = {"data_dir": str(tmp_path / "data"), "artifacts_dir": str(tmp_path / "artifacts")}
+    batch = {"model": first_run["checkpoint"], "samples": 600, **dirs}
+    # Every feature's mean 0.06 higher 30 days after 2026-01-01: the sums move by about 1.7 standard deviations.
+    drifted = score_flow(**batch, run_date="2026-01-31", drift=0.002)
+    assert drifted["drift"]["level"] == "alert" and drifted["drift"]["feature_sum_psi"] > 1.0
+    tolerant = score_flow(**batch, run_date="2026-01-30", drift=0.002, drift_warn=5.0, drift_alert=10.0)
+    assert tolerant["drift"]["level"] == "ok"
+
+    history = monitoring.read_history(tmp_path / "artifacts")
+    assert [row["run_date"] for row in history] == ["2026-01-30", "2026-01-31", first_run["run_date"]]
+    first = history[-1]
+    assert first["flow_run_id"] == first_run["flow_run_id"] and first["model_version"] == 1
+    assert first["rows"] == SMALL["score_samples"] and first["predictions"] == first_run["predictions"]
+    assert first["accuracy"] == pytest.approx(first_run["metrics"]["score_accuracy"])
+    assert first["feature_sum_psi"] == pytest.approx(first_run["drift"]["feature_sum_psi"])
+    assert history[1]["level"] == "alert" and history[1]["feature_sum_mean"] > 40
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[drifted["flow_run_id"]]))
+        )
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    table = json.loads(by_key["featuresum-monitoring"].data)
+    assert [(row["run_date"], row["level"]) for row in table] == [
+        ("2026-01-31", "alert"),
+        (first_run["run_date"], "ok"),
+    ]
+    assert "| 2026-01-31 | 1 |" in by_key["featuresum-monitoring-chart"].data

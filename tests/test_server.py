@@ -113,8 +113,8 @@ def final_task_runs(client, flow_run_id, count: int) -> list:
     return wait_until(recorded, 120, f"the {count} final task runs of flow run {flow_run_id}")
 
 
-# A fresh pipeline run: generate train, held-out and score sets, train, score one shard, combine.
-PIPELINE_TASK_RUNS = 6
+# A fresh pipeline run: generate train, held-out and score sets, train, score one shard, combine, monitor.
+PIPELINE_TASK_RUNS = 7
 # Modules named like featuresum's own folders, in the folder a command runs from: they must not shadow it.
 SHADOWS = {"tasks.py": "raise ImportError('a project tasks.py was imported')\n", "flows.py": "raise ImportError('x')\n"}
 

@@ -9,6 +9,7 @@ import base64
 import json
 import math
 import subprocess
+import urllib.request
 import uuid
 from contextlib import contextmanager
 from datetime import UTC
@@ -202,12 +203,33 @@ def test_cli_run_artifacts_hold_the_runs_figures(client, cli_run):
 
     assert float(artifacts["progress"].data) == 100.0
 
+    (monitored,) = json.loads(artifacts["featuresum-monitoring"].data)
+    assert (monitored["run_date"], monitored["level"]) == (cli_run["run_date"], cli_run["drift"]["level"])
+    assert monitored["rows"] == SMALL["score_samples"]
+
+
+def drift_events(server) -> list[dict]:
+    """The featuresum.drift.detected events the server holds, read back from its events API."""
+    body = json.dumps({"filter": {"event": {"name": ["featuresum.drift.detected"]}}, "limit": 50}).encode()
+    request = urllib.request.Request(
+        f"{server.api_url}/events/filter", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)["events"]
+
+
+def test_an_undrifted_batch_is_monitored_and_emits_no_event(server, cli_run):
+    assert cli_run["drift"]["level"] == "ok" and cli_run["drift"]["feature_sum_psi"] < 0.1
+    run_resource = f"prefect.flow-run.{cli_run['flow_run_id']}"
+    related = [resource["prefect.resource.id"] for event in drift_events(server) for resource in event["related"]]
+    assert run_resource not in related
+
 
 # --- featuresum serve ----------------------------------------------------------------------------
 
 
 @contextmanager
-def serving(server, work: Path, name: str):
+def serving(server, work: Path, name: str, *extra: str):
     """`featuresum serve` running against the server from `work`; yields (process, the deployment)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -215,7 +237,7 @@ def serving(server, work: Path, name: str):
     log = work / "serve.log"
     command = [
         str(BIN / "featuresum"), "serve", "--cron", CRON, "--timezone", TIMEZONE, "--name", name, *options(SMALL),
-        "--data-dir", "data", "--artifacts-dir", "artifacts",
+        "--data-dir", "data", "--artifacts-dir", "artifacts", *extra,
     ]  # fmt: skip
     # A served runner polls for due runs every 10 s by default; 1 s keeps the tests short.
     env = {**server.client_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
@@ -248,7 +270,7 @@ def serving(server, work: Path, name: str):
 def served(server, tmp_path_factory):
     """`featuresum serve` from a folder with modules of its own; yields (process, its folder, the deployment)."""
     work = shadowed_folder(tmp_path_factory.mktemp("served"))
-    with serving(server, work, SERVED) as (process, deployment):
+    with serving(server, work, SERVED, "--retrain-on-drift") as (process, deployment):
         yield process, work, deployment
 
 
@@ -274,6 +296,8 @@ def test_serve_creates_the_cron_deployment(served):
         "init": "scratch",
         "device": "auto",
         "min_improvement": 0.0,
+        "drift_warn": 0.1,
+        "drift_alert": 0.25,
         "refresh": False,
     }
 
@@ -368,6 +392,48 @@ def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, served)
     assert process.poll() is None
 
 
+def test_a_drifted_batch_emits_the_event_and_the_trigger_retrains_for_its_date(server, client, served):
+    """serve --retrain-on-drift: an alert on a batch scored with the deployment's models starts a retraining run."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterTags
+
+    process, work, deployment = served
+    day = "2026-06-02"
+    folders = ["--data-dir", "data", "--artifacts-dir", "artifacts"]
+
+    def featuresum(*args: str) -> dict:
+        result = run_command("featuresum", *args, *folders, "--json", env=server.client_env, cwd=work)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    sizes = {key: value for key, value in TINY.items() if key != "score_samples"}
+    featuresum("train", *options(sizes), "--date", "2026-06-01")
+    # Every feature's mean 0.002 higher per day since 2026-01-01: far from the champion's undrifted training rows.
+    scored = featuresum("score", "--model", "champion", "--samples", "300", "--date", day, "--drift", "0.002")
+    assert scored["drift"]["level"] == "alert"
+
+    def emitted():
+        return [event for event in drift_events(server) if event["payload"]["batch"] == scored["score_input"]]
+
+    (event,) = wait_until(emitted, 60, "the drift event to reach the server")
+    assert event["resource"]["prefect.resource.id"] == f"featuresum.model.{scored['model_version']}"
+    assert event["resource"]["featuresum.artifacts-dir"] == str(work / "artifacts")
+    assert event["payload"]["date"] == day and event["payload"]["level"] == "alert"
+    assert event["payload"]["feature_sum_psi"] == pytest.approx(scored["drift"]["feature_sum_psi"])
+    assert f"prefect.flow-run.{scored['flow_run_id']}" in {r["prefect.resource.id"] for r in event["related"]}
+
+    only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+    retraining = FlowRunFilter(tags=FlowRunFilterTags(all_=["retrain-on-drift", f"date-{day}"]))
+    started = lambda: client.read_flow_runs(flow_run_filter=retraining, deployment_filter=only_this)  # noqa: E731
+    (run,) = wait_until(started, 120, "the trigger to start a retraining run", interval=1)
+    run = finished_flow_run(client, run.id)
+    assert run.state.name == "Completed", run.state.message
+    assert run.parameters["run_date"] == day and run.created_by.type == "AUTOMATION"
+    assert "scheduled" not in run.tags
+    (version,) = [v for v in Registry(work / "artifacts").versions() if v.flow_run_id == str(run.id)]
+    assert version.run_date == day
+    assert process.poll() is None
+
+
 def test_stopping_serve_pauses_the_schedule(server, client, tmp_path):
     with serving(server, tmp_path, "stopped-by-test") as (process, deployment):
         assert client.read_deployment(deployment.id).paused is False
@@ -457,6 +523,10 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(auth_server, auth_cli
     }
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     assert deployment.global_concurrency_limit.limit == 1
+    (automation,) = client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
+    assert automation.name == "featuresum: retrain on drift (scheduled-retraining)"
+    assert automation.trigger.expect == {"featuresum.drift.detected"}
+    assert "{{ event.payload.date }}" in json.dumps(automation.actions[0].parameters["run_date"])
 
     dirs = {"data_dir": str(tmp_path / "data"), "artifacts_dir": str(tmp_path / "artifacts")}
     run_id = trigger(server, "featuresum-pipeline/scheduled-retraining", {**TINY, **dirs}, tmp_path)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import cli_runs, cli_scoring, retraining, scaling, sharded, throughput
+from benchmarks import cli_runs, cli_scoring, monitoring, retraining, scaling, sharded, throughput
 from benchmarks.measure import REPO, machine, source_state
 from benchmarks.report import Figure, render
 from benchmarks.sizes import FULL, QUICK
@@ -33,6 +33,7 @@ ALL = (
     "sharded",
     "cli-scoring",
     "retraining",
+    "monitoring",
 )
 # Quick mode leaves out the figures that run whole `featuresum` commands against a local server
 # (its first start alone takes 10-30 s); name them with --only to include them.
@@ -59,7 +60,7 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
     figures: list[Figure] = []
     cli = (
         cli_runs.LocalPrefect(workdir)
-        if {"end-to-end", "quality", "sharded", "cli-scoring", "retraining"} & set(selected)
+        if {"end-to-end", "quality", "sharded", "cli-scoring", "retraining", "monitoring"} & set(selected)
         else None
     )
     end_to_end_metrics: list[dict] = []
@@ -79,6 +80,7 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
         "sharded": lambda: sharded.sharded_scoring(sizes, cli),
         "cli-scoring": lambda: cli_scoring.cli_scoring(sizes, cli),
         "retraining": lambda: retraining.retraining(sizes, cli),
+        "monitoring": lambda: monitoring.monitoring(sizes, cli),
     }
     try:
         for name in ALL:

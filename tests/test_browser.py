@@ -19,7 +19,13 @@ from prefect_servers import prefect_server, require_service, run_command, stop_p
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 SMALL_RUN = ["--train-samples", "4000", "--holdout-samples", "1000", "--score-samples", "700", "--epochs", "2"]
-ARTIFACT_KEYS = ("featuresum-training-history", "featuresum-training-report", "featuresum-predictions")
+ARTIFACT_KEYS = (
+    "featuresum-training-history",
+    "featuresum-training-report",
+    "featuresum-predictions",
+    "featuresum-monitoring",
+    "featuresum-monitoring-chart",
+)
 # The UI is a JavaScript app: on two busy cores its first render took several seconds.
 PAGE_TIMEOUT = 90.0
 
@@ -219,18 +225,31 @@ def test_run_page_shows_the_run_and_its_artifacts(server, finished_run, browser,
     assert shot.stat().st_size > 20_000
 
 
-def test_report_artifact_page_renders_the_markdown(server, finished_run, browser, tmp_path):
+def artifact_page(server, finished_run, key: str) -> str:
+    """The UI's page of one of the finished run's artifacts."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     artifact_filter = ArtifactFilter(
-        flow_run_id=ArtifactFilterFlowRunId(any_=[finished_run["flow_run_id"]]),
-        key=ArtifactFilterKey(any_=["featuresum-training-report"]),
+        flow_run_id=ArtifactFilterFlowRunId(any_=[finished_run["flow_run_id"]]), key=ArtifactFilterKey(any_=[key])
     )
     with server.settings(), get_client(sync_client=True) as client:
-        (report,) = client.read_artifacts(artifact_filter=artifact_filter)
+        (artifact,) = client.read_artifacts(artifact_filter=artifact_filter)
+    return f"{server.url}/artifacts/artifact/{artifact.id}"
 
-    browser.open(f"{server.url}/artifacts/artifact/{report.id}")
+
+def test_monitoring_chart_page_renders_drift_by_date(server, finished_run, browser, tmp_path):
+    browser.open(artifact_page(server, finished_run, "featuresum-monitoring-chart"))
+    psi = f"{finished_run['drift']['feature_sum_psi']:.4f}"
+    try:
+        text = browser.wait_for_text("Drift and accuracy by date", finished_run["run_date"], psi, "feature-sum PSI")
+    finally:
+        browser.screenshot(tmp_path / "monitoring-chart.png")
+    assert "# Drift" not in text and "|---|" not in text
+
+
+def test_report_artifact_page_renders_the_markdown(server, finished_run, browser, tmp_path):
+    browser.open(artifact_page(server, finished_run, "featuresum-training-report"))
     accuracy = f"{finished_run['metrics']['val_accuracy']:.4f}"
     try:
         text = browser.wait_for_text("Training report", accuracy, "Confusion matrix")

@@ -5,6 +5,7 @@ import json
 from conftest import run_json
 
 from featuresum.flows.backfill import dates_between, to_run
+from featuresum.tasks import monitoring
 from featuresum.tasks.registry import Registry
 
 DATES = ["2026-04-01", "2026-04-02", "2026-04-03", "2026-04-04"]
@@ -25,6 +26,15 @@ def test_a_many_date_backfill_matches_running_the_dates_one_by_one(cli, tmp_path
     assert backfilled["runs"][0]["promoted"] is True
     progress = [line for line in result.stderr.splitlines() if line.startswith("2026-04-")]
     assert [line.split(":")[0] for line in progress] == DATES
+    # Each date's batch is monitored against the champion that scored it; the source does not drift.
+    history = monitoring.read_history(tmp_path / "backfilled")
+    assert [row["run_date"] for row in history] == DATES
+    for run, row in zip(backfilled["runs"], history, strict=True):
+        assert run["drift"] == {key: row[key] for key in ("feature_sum_psi", "predicted_class_psi", "level")}
+        assert row["flow_run_id"] == run["flow_run_id"] and run["drift"]["level"] in ("ok", "warn")
+    assert all(
+        f"drift {run['drift']['level']} (" in line for run, line in zip(backfilled["runs"], progress, strict=True)
+    )
 
     for day in DATES:
         summary = run_json(cli("run", *TINY, "--date", day, *folders(tmp_path, "one-by-one"), "--json"))

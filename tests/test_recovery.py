@@ -182,11 +182,17 @@ def api_client(home):
 TRAIN_LONG = ["--train-samples", "40000", "--holdout-samples", "1000", "--epochs", "8", "--batch-size", "64"]
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: a test run
+    # started with `&` would otherwise start a featuresum that rightly ignores Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_training(cli, tmp_path, env=None):
     args = ["train", *TRAIN_LONG, "--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts")]
     process = subprocess.Popen(
         [cli.executable, *args, "--json"], env=env or cli.env, cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )  # fmt: skip
     partials = lambda: list((tmp_path / "artifacts").glob("model-*.partial.pt"))  # noqa: E731
     wait_for(partials, process)

@@ -384,6 +384,7 @@ def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, served)
         by_run[run["flow_run_id"]].version for run in backfilled["runs"]
     ]
     assert backfilled["champion_version"] == registry.alias().version
+    assert {run["drift"]["level"] for run in backfilled["runs"]} <= {"ok", "warn"}
 
     # Repeated: every date has its completed run, and no new run is created.
     again = json.loads(run_command("featuresum", *command, "--json", env=server.client_env, cwd=work).stdout)

@@ -29,8 +29,6 @@ def test_run_prints_one_json_object_and_a_clean_log(cli, tmp_path):
     again = run_json(cli(*small_run_args(tmp_path), "--json"))
     # No shard runs: the predictions are intact; the monitoring step runs for every scored batch.
     assert sorted(again["task_states"].values()) == ["Cached"] * 5 + ["Completed"]
-    forced = run_json(cli(*small_run_args(tmp_path), "--json", "--refresh"))
-    assert sorted(forced["task_states"].values()) == ["Completed"] * 7
 
 
 def test_score_with_the_champion_or_a_version_number(cli, tmp_path):

@@ -1,7 +1,9 @@
 """The pipeline against a real `prefect server start`: runs, artifacts, serve, prefect.yaml, auth.
 
-The module runs once on SQLite and once on PostgreSQL (FEATURESUM_TEST_POSTGRES_URL, a database
-the tests may create others next to); each backend gets one server for the whole module.
+What the database stores (runs, task runs, artifacts, schedules, events and automations) is tested
+once on SQLite and once on PostgreSQL (FEATURESUM_TEST_POSTGRES_URL, a database the tests may create
+others next to); what only featuresum's own code decides (run dates, backfills, stopping serve) on
+SQLite alone. Each backend gets one server for the whole module.
 """
 
 import asyncio
@@ -74,6 +76,10 @@ def postgres_database(url: str):
         yield make_url(url).set(database=name).render_as_string(hide_password=False)
     finally:
         asyncio.run(execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# For tests of featuresum's own logic, which no database backend changes.
+SQLITE_ONLY = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -325,6 +331,7 @@ def test_server_schedules_runs_at_the_cron_time_in_the_timezone(client, served):
     assert all(run.parameters == {} or run.parameters == deployment.parameters for run in runs)
 
 
+@SQLITE_ONLY
 def test_runs_for_two_scheduled_dates_train_two_versions_one_at_a_time(server, client, served):
     """Each run processes the date it was scheduled for (both are already due, so both start now)."""
     process, work, deployment = served
@@ -359,6 +366,7 @@ def test_runs_for_two_scheduled_dates_train_two_versions_one_at_a_time(server, c
     assert [change.previous for change in history] == [None, *[change.version for change in history[:-1]]]
 
 
+@SQLITE_ONLY
 def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, served):
     process, work, _ = served
     command = [
@@ -435,6 +443,7 @@ def test_a_drifted_batch_emits_the_event_and_the_trigger_retrains_for_its_date(s
     assert process.poll() is None
 
 
+@SQLITE_ONLY
 def test_stopping_serve_pauses_the_schedule(server, client, tmp_path):
     with serving(server, tmp_path, "stopped-by-test") as (process, deployment):
         assert client.read_deployment(deployment.id).paused is False

@@ -171,6 +171,7 @@ def _monitor(
     day: date,
     thresholds: dict[str, float],
     artifacts_dir: str,
+    scored_by: str,
     refresh: bool,
     states: dict,
 ) -> dict[str, Any]:
@@ -186,6 +187,7 @@ def _monitor(
         model_version=registered.version if registered else None,
         thresholds=thresholds,
         artifacts_dir=str(Path(artifacts_dir).resolve()),
+        scored_by=scored_by,
         refresh=refresh,
     )
     return monitored["drift"]
@@ -433,7 +435,7 @@ def score_flow(
     device = _device(device)
     predictions = _score(checkpoint, features, device, artifacts_dir, output, shard_rows, refresh, states)
     thresholds = {"warn": drift_warn, "alert": drift_alert}
-    observed = _monitor(checkpoint, features, predictions, day, thresholds, artifacts_dir, refresh, states)
+    observed = _monitor(checkpoint, features, predictions, day, thresholds, artifacts_dir, "score", refresh, states)
     summary = _summary(states, checkpoint=checkpoint, score_input=features, predictions=predictions)
     if registered := Registry(Path(artifacts_dir).resolve()).find(checkpoint["fingerprint"]):
         summary["model_version"] = registered.version
@@ -477,7 +479,8 @@ def pipeline_flow(
     batch = _generate("score", score_samples, day, source, refresh, states)
     predictions = _score(gate["champion"], batch, device, artifacts_dir, None, shard_rows, refresh, states)
     thresholds = {"warn": drift_warn, "alert": drift_alert}
-    observed = _monitor(gate["champion"], batch, predictions, day, thresholds, artifacts_dir, refresh, states)
+    champion = gate["champion"]
+    observed = _monitor(champion, batch, predictions, day, thresholds, artifacts_dir, "pipeline", refresh, states)
     outputs = {"train_data": train, "holdout_data": holdout, "checkpoint": model, "score_input": batch}
     summary = _summary(states, **outputs, predictions=predictions)
     scored = {"run_date": day.isoformat(), "scored_with": gate["champion"]["path"], "drift": observed}

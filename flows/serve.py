@@ -38,8 +38,11 @@ def cron_schedule(cron: str, timezone: str) -> "Schedule":
 def drift_trigger(name: str, artifacts_dir: str) -> "DeploymentEventTrigger":
     """A trigger that runs the deployment for the date of a batch that drifted to level alert.
 
-    It matches the drift events of models in the deployment's own artifacts folder only, and the
-    event's payload gives the run its date; every other parameter is the deployment's.
+    It matches the drift events of batches that `featuresum score` scored with the models in the
+    deployment's own artifacts folder: a pipeline run's alert comes after it trained a challenger
+    for that date, so retraining for the date again would change nothing (and a triggered run's
+    own alert can never trigger another run). The event's payload gives the run its date; every
+    other parameter is the deployment's.
     """
     from prefect.events import DeploymentEventTrigger
 
@@ -49,7 +52,7 @@ def drift_trigger(name: str, artifacts_dir: str) -> "DeploymentEventTrigger":
         name=f"{monitoring.RETRAIN_AUTOMATION} ({name})",
         description=f"Retrain when a batch scored with the models in {artifacts_dir} drifts to level alert.",
         expect={monitoring.DRIFT_EVENT},
-        match={"featuresum.artifacts-dir": artifacts_dir},
+        match={"featuresum.artifacts-dir": artifacts_dir, "featuresum.scored-by": "score"},
         parameters={"run_date": "{{ event.payload.date }}"},
     )
 

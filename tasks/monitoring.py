@@ -11,7 +11,7 @@ Every batch's figures are one row of the monitoring history, `monitoring.parquet
 """
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,11 +49,14 @@ HISTORY_SCHEMA = pa.schema(
         ("mean_confidence", pa.float64()),
         ("accuracy", pa.float64()),
         ("level", pa.string()),
+        ("drift_warn", pa.float64()),
+        ("drift_alert", pa.float64()),
+        ("alerted", pa.bool_()),
         ("flow_run_id", pa.string()),
     ]
 )
-# What a batch of the history is: the model that scored it and the rows it scored.
-HISTORY_KEY = ("model_fingerprint", "batch_fingerprint")
+# What a batch of the history is: the model that scored it, the rows it scored, and their date.
+HISTORY_KEY = ("model_fingerprint", "batch_fingerprint", "run_date")
 # Columns of a predictions file that monitoring reads, in batches of this many rows.
 PREDICTION_COLUMNS = ["feature_sum", "predicted_class", "confidence"]
 READ_ROWS = 262_144
@@ -176,27 +179,51 @@ def read_history(artifacts_dir: Path) -> list[dict[str, Any]]:
         raise InputError(f"{path}: not a monitoring history ({error}); move it aside") from None
 
 
-def record(artifacts_dir: Path, row: dict[str, Any], replace: bool = False) -> tuple[dict[str, Any], bool]:
-    """Add a scored batch's row to the history; returns (the row as stored, whether it is new).
+def _key(row: dict[str, Any]) -> tuple:
+    return tuple(row[name] for name in HISTORY_KEY)
 
-    A batch already in the history (same model, same rows) keeps its row unless `replace`. Writers
-    queue on a lock and replace the file atomically, so concurrent runs never lose each other's rows
-    and a reader never sees half a file.
+
+def _rewrite(artifacts_dir: Path, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
+    """Read, change and atomically replace the history while holding its lock.
+
+    Writers queue on the lock, so concurrent runs never lose each other's rows, and a reader never
+    sees half a file.
     """
     path = history_path(artifacts_dir)
-    row = {"recorded": datetime.now(UTC).isoformat(timespec="seconds"), **row}
     with storage.exclusive(path):
-        rows = read_history(artifacts_dir)
-        key = tuple(row[name] for name in HISTORY_KEY)
-        earlier = [kept for kept in rows if tuple(kept[name] for name in HISTORY_KEY) == key]
-        if earlier and not replace:
-            return earlier[-1], False
-        stored = {name: row.get(name) for name in HISTORY_SCHEMA.names}
-        rows = [kept for kept in rows if kept not in earlier] + [stored]
+        rows = change(read_history(artifacts_dir))
         rows.sort(key=lambda kept: (kept["run_date"] or "", kept["recorded"]))
         with storage.atomic_path(path) as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA), tmp)
-    return stored, not earlier
+
+
+def record(artifacts_dir: Path, row: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
+    """Put a scored batch's row in the history and return it as stored.
+
+    One row per batch, model and date: a later run that monitors the same batch replaces the row
+    with its own level, thresholds and flow run, but keeps when it was first recorded and whether
+    its drift event was sent (unless `refresh`, which starts the row afresh).
+    """
+    stored = {name: row.get(name) for name in HISTORY_SCHEMA.names}
+    stored.update(recorded=datetime.now(UTC).isoformat(timespec="seconds"), alerted=False)
+
+    def change(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        earlier = [kept for kept in rows if _key(kept) == _key(stored)]
+        if earlier and not refresh:
+            stored.update(recorded=earlier[0]["recorded"], alerted=earlier[0]["alerted"])
+        return [kept for kept in rows if _key(kept) != _key(stored)] + [stored]
+
+    _rewrite(artifacts_dir, change)
+    return stored
+
+
+def mark_alerted(artifacts_dir: Path, row: dict[str, Any]) -> None:
+    """Note in the history that the drift event of this row's batch was sent."""
+
+    def change(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**kept, "alerted": True} if _key(kept) == _key(row) else kept for kept in rows]
+
+    _rewrite(artifacts_dir, change)
 
 
 def chart(rows: list[dict[str, Any]], alert: float, width: int = 24) -> str:

@@ -330,14 +330,17 @@ def monitor_batch(
     model_version: int | None,
     thresholds: dict[str, float],
     artifacts_dir: str,
+    scored_by: str,
     refresh: bool = False,
 ) -> dict[str, Any]:
     """Drift and accuracy of a scored batch against its model's reference: a history row, artifacts, an event.
 
-    A batch already in the history keeps its row (and raises no second event) unless refreshed.
+    `scored_by` is the flow that scored the batch: "pipeline" (which trained a challenger for the
+    date first) or "score". The drift event of a batch is sent until it is sent once.
     """
-    logger = get_run_logger()
+    folder = Path(artifacts_dir)
     figures = monitoring.batch_figures(Path(predictions["path"]), load_checkpoint(Path(model["path"])).get("reference"))
+    psis = (figures["feature_sum_psi"], figures["predicted_class_psi"])
     row = {
         "run_date": run_date,
         "model_version": model_version,
@@ -347,38 +350,43 @@ def monitor_batch(
         "predictions": predictions["path"],
         **figures,
         "accuracy": predictions.get("score_accuracy"),
-        "level": monitoring.level(
-            (figures["feature_sum_psi"], figures["predicted_class_psi"]), thresholds["warn"], thresholds["alert"]
-        ),
+        "level": monitoring.level(psis, thresholds["warn"], thresholds["alert"]),
+        "drift_warn": thresholds["warn"],
+        "drift_alert": thresholds["alert"],
         "flow_run_id": str(TaskRunContext.get().task_run.flow_run_id),
     }
-    row, new = monitoring.record(Path(artifacts_dir), row, replace=refresh)
-    history = monitoring.read_history(Path(artifacts_dir))
-    reports.publish_monitoring(history, thresholds["warn"], thresholds["alert"])
-    drift = {"feature_sum_psi": row["feature_sum_psi"], "predicted_class_psi": row["predicted_class_psi"]}
-    described = (
-        f"batch of {run_date}: feature-sum PSI {_psi(drift['feature_sum_psi'])}, "
-        f"predicted-class PSI {_psi(drift['predicted_class_psi'])}, level {row['level']}"
-    )
-    if row["level"] == "ok":
-        logger.info("No drift in the %s", described)
-    elif row["level"] == "unknown":
-        logger.warning("No drift figures for the %s: the model's checkpoint holds no reference", described)
-    else:
-        logger.warning(
-            "Drift in the %s (warn from %g, alert above %g)", described, thresholds["warn"], thresholds["alert"]
-        )
-    if row["level"] == "alert" and new:
-        _emit_drift(row, artifacts_dir)
-    return {**row, "drift": {**drift, "level": row["level"]}, "new": new}
+    stored = monitoring.record(folder, row, refresh)
+    _log_drift(stored)
+    if stored["level"] == "alert" and not stored["alerted"] and _emit_drift(stored, folder, scored_by):
+        monitoring.mark_alerted(folder, stored)
+    reports.publish_monitoring(monitoring.read_history(folder), thresholds["warn"], thresholds["alert"])
+    return {"drift": {"feature_sum_psi": psis[0], "predicted_class_psi": psis[1], "level": stored["level"]}}
 
 
 def _psi(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _emit_drift(row: dict[str, Any], artifacts_dir: str) -> None:
-    """Tell Prefect's event system (automations, deployment triggers) that a batch drifted."""
+def _log_drift(row: dict[str, Any]) -> None:
+    """One log line with the batch's level: info when ok, a warning otherwise."""
+    logger = get_run_logger()
+    described = (
+        f"batch of {row['run_date']}: feature-sum PSI {_psi(row['feature_sum_psi'])}, "
+        f"predicted-class PSI {_psi(row['predicted_class_psi'])}, level {row['level']}"
+    )
+    if row["level"] == "ok":
+        logger.info("No drift in the %s", described)
+    elif row["level"] == "unknown":
+        why = "no rows were scored" if not row["rows"] else "the model's checkpoint holds no reference"
+        logger.warning("No drift figures for the %s: %s", described, why)
+    else:
+        logger.warning(
+            "Drift in the %s (warn from %g, alert above %g)", described, row["drift_warn"], row["drift_alert"]
+        )
+
+
+def _emit_drift(row: dict[str, Any], artifacts_dir: Path, scored_by: str) -> bool:
+    """Tell Prefect's event system (automations, deployment triggers) that a batch drifted; whether it was sent."""
     from prefect.events import emit_event
 
     version = row["model_version"]
@@ -388,7 +396,8 @@ def _emit_drift(row: dict[str, Any], artifacts_dir: str) -> None:
         resource={
             "prefect.resource.id": f"featuresum.model.{version if version is not None else row['model_fingerprint']}",
             "prefect.resource.name": name,
-            "featuresum.artifacts-dir": str(Path(artifacts_dir).resolve()),
+            "featuresum.artifacts-dir": str(artifacts_dir.resolve()),
+            "featuresum.scored-by": scored_by,
         },
         payload={
             "date": row["run_date"],
@@ -401,6 +410,8 @@ def _emit_drift(row: dict[str, Any], artifacts_dir: str) -> None:
             "batch": row["batch"],
         },
     )
-    get_run_logger().warning(
-        "Emitted %s for %s (%s)", monitoring.DRIFT_EVENT, name, "sent" if emitted else "no events client"
-    )
+    if emitted is None:
+        get_run_logger().warning("Could not send %s for %s: no Prefect events client", monitoring.DRIFT_EVENT, name)
+        return False
+    get_run_logger().warning("Sent %s for %s", monitoring.DRIFT_EVENT, name)
+    return True

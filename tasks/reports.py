@@ -122,7 +122,7 @@ def publish_monitoring(history: list[dict[str, Any]], warn: float, alert: float)
     """The latest rows of the monitoring history as a table, and a text chart of drift and accuracy by date."""
     latest = history[-MONITORING_ROWS:]
     columns = ("run_date", "model_version", "rows", "feature_sum_psi", "predicted_class_psi")
-    columns += ("feature_sum_mean", "feature_sum_std", "mean_confidence", "accuracy", "level")
+    columns += ("feature_sum_mean", "feature_sum_std", "mean_confidence", "accuracy", "level", "alerted")
     create_table_artifact(
         key="featuresum-monitoring",
         description=f"Drift and accuracy of the last {len(latest)} of {len(history)} scored batches, by date",
@@ -134,7 +134,8 @@ def publish_monitoring(history: list[dict[str, Any]], warn: float, alert: float)
         markdown="\n".join(
             [
                 "# Drift and accuracy by date",
-                f"Levels of this run: ok below a PSI of {warn:g}, warn up to {alert:g}, alert above.",
+                f"Each level is the one the last run that monitored the batch judged (this run: ok below a PSI of "
+                f"{warn:g}, warn up to {alert:g}, alert above).",
                 "",
                 monitoring.chart(latest, alert),
             ]

@@ -93,9 +93,12 @@ def test_score_a_user_file(cli, checkpoint, tmp_path):
 
 def test_score_zero_rows_gives_an_empty_predictions_file(cli, checkpoint, tmp_path):
     pq.write_table(feature_table().slice(0, 0), tmp_path / "empty.parquet")
-    result, output = score(cli, checkpoint, tmp_path / "empty.parquet")
+    result, output = score(cli, checkpoint, tmp_path / "empty.parquet", "--json")
     assert result.returncode == 0, result.stderr
     assert pq.read_table(output).num_rows == 0
+    # Nothing to compare with the model's reference.
+    assert run_json(result)["drift"] == {"feature_sum_psi": None, "predicted_class_psi": None, "level": "unknown"}
+    assert "No drift figures for the batch" in result.stderr and "no rows were scored" in result.stderr
 
 
 def bad_inputs(tmp_path, checkpoint):

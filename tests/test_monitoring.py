@@ -154,25 +154,34 @@ def history_row(day: str, batch: str, psi: float = 0.05, model: str = "m1") -> d
     }
 
 
-def test_history_keeps_one_row_per_batch_and_model_sorted_by_date(tmp_path):
-    stored, new = monitoring.record(tmp_path, history_row("2026-02-02", "b2"))
-    assert new and stored["batch_fingerprint"] == "b2"
+def test_history_keeps_one_row_per_batch_model_and_date_sorted_by_date(tmp_path):
+    first = monitoring.record(tmp_path, history_row("2026-02-02", "b2"))
+    assert first["batch_fingerprint"] == "b2" and first["alerted"] is False
     monitoring.record(tmp_path, history_row("2026-02-01", "b1"))
-    again, new = monitoring.record(tmp_path, history_row("2026-02-02", "b2", psi=0.9))
-    assert not new and again["feature_sum_psi"] == 0.05  # a rerun keeps the first row (and its event)
+    # A later run of the same batch replaces the row with its own judgement, keeping when it was first seen.
+    later = monitoring.record(tmp_path, {**history_row("2026-02-02", "b2"), "level": "alert", "flow_run_id": "run-2"})
+    assert (later["level"], later["flow_run_id"], later["recorded"]) == ("alert", "run-2", first["recorded"])
     monitoring.record(tmp_path, history_row("2026-02-02", "b2", model="m2"))  # another model: another row
-    replaced, new = monitoring.record(tmp_path, history_row("2026-02-01", "b1", psi=0.7), replace=True)
-    assert not new and replaced["feature_sum_psi"] == 0.7
+    monitoring.record(tmp_path, history_row("2026-02-03", "b2"))  # the same file scored for another date
 
     rows = monitoring.read_history(tmp_path)
-    assert [(r["run_date"], r["batch_fingerprint"], r["model_fingerprint"]) for r in rows] == [
-        ("2026-02-01", "b1", "m1"),
-        ("2026-02-02", "b2", "m1"),
-        ("2026-02-02", "b2", "m2"),
+    assert [(r["run_date"], r["batch_fingerprint"], r["model_fingerprint"], r["level"]) for r in rows] == [
+        ("2026-02-01", "b1", "m1", "ok"),
+        ("2026-02-02", "b2", "m1", "alert"),
+        ("2026-02-02", "b2", "m2", "ok"),
+        ("2026-02-03", "b2", "m1", "ok"),
     ]
     table = pd.read_parquet(monitoring.history_path(tmp_path))
     assert list(table.columns) == monitoring.HISTORY_SCHEMA.names
-    assert table["feature_sum_psi"].tolist() == [0.7, 0.05, 0.05]
+
+
+def test_a_sent_event_is_remembered_until_a_refresh(tmp_path):
+    row = {**history_row("2026-02-02", "b2"), "level": "alert"}
+    monitoring.record(tmp_path, row)
+    monitoring.mark_alerted(tmp_path, row)
+    assert monitoring.record(tmp_path, row)["alerted"] is True
+    assert monitoring.record(tmp_path, row, refresh=True)["alerted"] is False
+    assert [r["alerted"] for r in monitoring.read_history(tmp_path)] == [False]
 
 
 def _write_rows(folder: str, writer: int, count: int) -> None:

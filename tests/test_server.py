@@ -426,6 +426,7 @@ def test_a_drifted_batch_emits_the_event_and_the_trigger_retrains_for_its_date(s
     (event,) = wait_until(emitted, 60, "the drift event to reach the server")
     assert event["resource"]["prefect.resource.id"] == f"featuresum.model.{scored['model_version']}"
     assert event["resource"]["featuresum.artifacts-dir"] == str(work / "artifacts")
+    assert event["resource"]["featuresum.scored-by"] == "score"
     assert event["payload"]["date"] == day and event["payload"]["level"] == "alert"
     assert event["payload"]["feature_sum_psi"] == pytest.approx(scored["drift"]["feature_sum_psi"])
     assert f"prefect.flow-run.{scored['flow_run_id']}" in {r["prefect.resource.id"] for r in event["related"]}

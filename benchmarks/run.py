@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import cli_runs, cli_scoring, monitoring, retraining, scaling, sharded, throughput
+from benchmarks import cli_runs, cli_scoring, contention, monitoring, retraining, scaling, sharded, throughput
 from benchmarks.measure import REPO, machine, source_state
 from benchmarks.report import Figure, render
 from benchmarks.sizes import FULL, QUICK
@@ -26,6 +26,7 @@ from benchmarks.sizes import FULL, QUICK
 ALL = (
     "generation",
     "training",
+    "contention",
     "scoring",
     "end-to-end",
     "scaling",
@@ -73,6 +74,7 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
     steps: dict[str, Callable[[], Figure | list[Figure]]] = {
         "generation": lambda: throughput.generation(sizes, workdir),
         "training": lambda: throughput.training_throughput(sizes, workdir),
+        "contention": lambda: contention.contention(sizes),
         "scoring": lambda: throughput.scoring_throughput(sizes, workdir),
         "end-to-end": end_to_end,
         "scaling": lambda: scaling.scaling(sizes, workdir),

@@ -20,7 +20,7 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
-from featuresum.tasks import data, monitoring, reports, scoring, storage, training
+from featuresum.tasks import cpu, data, monitoring, reports, scoring, storage, training
 from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from featuresum.tasks.errors import InputError
 
@@ -181,6 +181,8 @@ def _train(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     target = torch.device(device)
+    # Created before the data is read, so the first reading covers that time.
+    threads = cpu.ThreadPolicy.for_torch() if target.type == "cpu" else None
     x, y = (t.to(target) for t in storage.read_dataset([Path(part["path"]) for part in train]))
     holdout_data = tuple(t.to(target) for t in storage.read_dataset(Path(holdout["path"])))
     steps = -(-len(x) // settings.batch_size)
@@ -216,7 +218,16 @@ def _train(
         )
         update_progress_artifact(progress, progress=100 * state.epoch / settings.epochs)
 
-    training.fit(state, (x, y), holdout_data, settings, on_epoch)
+    if threads is not None:
+        threads.adjust()
+    try:
+        training.fit(state, (x, y), holdout_data, settings, on_epoch, threads)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads.limit)
+    if threads is not None and threads.changes:
+        moves = ", ".join(f"{count} (others busy on {others:.1f} cores)" for count, others in threads.changes)
+        logger.info("CPU threads followed the load of other processes: %d, then %s", threads.limit, moves)
     confusion = training.evaluate(state.model, *holdout_data)
     metrics = {
         "train_loss": state.history[-1]["train_loss"] if state.history else None,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from featuresum.tasks.checkpoint import CHECKPOINT_FORMAT
+from featuresum.tasks.cpu import ThreadPolicy
 from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES, derive_seed
 from featuresum.tasks.model import FeatureSumMLP, ModelConfig
 
@@ -50,14 +51,21 @@ def new_training_state(config: TrainConfig, steps_per_epoch: int, device: torch.
     return TrainingState(model, optimizer, scheduler, epoch=0, history=[])
 
 
-def train_epoch(state: TrainingState, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> float:
-    """One pass over (x, y) in a shuffled order fixed by (seed, epoch); returns the mean loss."""
+def train_epoch(
+    state: TrainingState, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, threads: ThreadPolicy | None = None
+) -> float:
+    """One pass over (x, y) in a shuffled order fixed by (seed, epoch); returns the mean loss.
+
+    With `threads`, the CPU thread count follows the load of other processes as it goes.
+    """
     model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
     model.train()
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", state.epoch))
     order = torch.randperm(len(x), generator=generator).to(x.device)
     total = torch.zeros((), device=x.device)
     for start in range(0, len(x), config.batch_size):
+        if threads is not None:
+            threads.maybe_adjust()
         index = order[start : start + config.batch_size]
         loss = nn.functional.cross_entropy(model(x[index]), y[index])
         optimizer.zero_grad(set_to_none=True)
@@ -97,10 +105,11 @@ def fit(
     holdout: tuple[torch.Tensor, torch.Tensor],
     config: TrainConfig,
     on_epoch: Callable[[TrainingState], None] = lambda state: None,
+    threads: ThreadPolicy | None = None,
 ) -> TrainingState:
     """Train from state.epoch up to config.epochs, evaluating on the held-out set after each epoch."""
     while state.epoch < config.epochs:
-        loss = train_epoch(state, *data, config)
+        loss = train_epoch(state, *data, config, threads)
         held_out = accuracy(evaluate(state.model, *holdout))
         state.history.append({"epoch": state.epoch, "train_loss": loss, "val_accuracy": held_out})
         on_epoch(state)

@@ -1,0 +1,102 @@
+"""CPU threads for training: as many as the cores that other processes leave free.
+
+PyTorch's OpenMP threads spin while they wait for each other, so when another process holds a
+core, one of them is descheduled and the rest spin for it: training beside one busy process ran at
+a quarter of its idle speed with two threads, and faster with one (figure 12 of the benchmarks).
+While training, the load of other processes is measured from /proc/stat about once a second and
+the thread count follows it. Setting OMP_NUM_THREADS turns this off and keeps the count fixed
+(which also keeps training bit-for-bit reproducible whatever else runs).
+"""
+
+import os
+import resource
+import time
+from collections.abc import Callable
+
+# How often the load of other processes is measured while training.
+INTERVAL_SECONDS = 1.0
+STAT = "/proc/stat"
+
+
+def _host_busy_seconds() -> float | None:
+    """CPU seconds every process on the host has used (all but idle and iowait), or None off Linux."""
+    try:
+        with open(STAT) as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_for(others: float, cores: int, limit: int) -> int:
+    """Threads that fit beside other processes keeping `others` cores busy: at most `limit`, at least 1.
+
+    A core counts as taken when other processes keep it busy more than half the time.
+    """
+    return max(1, min(limit, cores - round(others)))
+
+
+class OthersLoad:
+    """How many cores other processes kept busy since the last reading (None where it cannot be told)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._last = (clock(), _host_busy_seconds(), _own_seconds())
+
+    def read(self) -> float | None:
+        now = (self._clock(), _host_busy_seconds(), _own_seconds())
+        (then, busy, own), self._last = self._last, now
+        if busy is None or now[1] is None or now[0] <= then:
+            return None
+        return max(0.0, (now[1] - busy) - (now[2] - own)) / (now[0] - then)
+
+
+class ThreadPolicy:
+    """Sets torch's thread count to what the other processes leave free, at most once per interval."""
+
+    def __init__(self, set_threads: Callable[[int], None], limit: int, interval: float = INTERVAL_SECONDS):
+        self._set_threads = set_threads
+        self.limit = limit
+        self.threads = limit
+        self._interval = interval
+        self._load = OthersLoad()
+        self._due = time.monotonic() + interval
+        self.changes: list[tuple[int, float]] = []
+
+    @classmethod
+    def for_torch(cls) -> "ThreadPolicy | None":
+        """The policy for this process's torch, or None when OMP_NUM_THREADS fixes the thread count."""
+        if os.environ.get("OMP_NUM_THREADS"):
+            return None
+        import torch
+
+        return cls(torch.set_num_threads, torch.get_num_threads())
+
+    def adjust(self) -> int:
+        """Measure the other processes' load now and set the thread count to fit beside it."""
+        others = self._load.read()
+        self._due = time.monotonic() + self._interval
+        if others is None:
+            return self.threads
+        wanted = threads_for(others, usable_cores(), self.limit)
+        if wanted != self.threads:
+            self._set_threads(wanted)
+            self.threads = wanted
+            self.changes.append((wanted, others))
+        return self.threads
+
+    def maybe_adjust(self) -> None:
+        """adjust(), when an interval has passed since the last time (cheap enough to call every step)."""
+        if time.monotonic() >= self._due:
+            self.adjust()

@@ -119,7 +119,7 @@ def contention(sizes: Sizes) -> Figure:
         *table(
             [
                 "policy",
-                "torch threads",
+                "threads at the end, idle / contended",
                 "idle samples/s",
                 "contended samples/s",
                 "contended ÷ idle",

@@ -1,7 +1,8 @@
 """Bare baselines: the same work done with PyTorch and pyarrow directly, as a short script would do it.
 
 Only the model class and the data rule's constants come from the pipeline, so both sides train the
-same network on the same kind of data. Parquet files use the pipeline's write options (no
+same network on the same kind of data; the DataLoader loop is written without even the model class,
+as a user of PyTorch's tutorials would write it. Parquet files use the pipeline's write options (no
 compression, no dictionary, no statistics), so both sides write the same bytes per row.
 """
 
@@ -69,6 +70,27 @@ def train_one_epoch(model, optimizer, scheduler, x: torch.Tensor, y: torch.Tenso
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+
+
+def dataloader_model(lr: float, weight_decay: float, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The seed article's network as a user writes it, without the project's classes, and AdamW."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(NUM_FEATURES, 128), nn.ReLU(), nn.Linear(128, len(CLASS_BOUNDARIES) + 1))
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def train_one_epoch_dataloader(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> None:
+    """One epoch the way PyTorch's tutorials write it: a TensorDataset, a shuffling DataLoader, a loss module."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for features, labels in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model(features), labels)
+        loss.backward()
+        optimizer.step()
 
 
 def train(

@@ -18,7 +18,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import cli_runs, cli_scoring, contention, monitoring, retraining, scaling, sharded, throughput
+from benchmarks import (
+    accuracy,
+    cli_runs,
+    cli_scoring,
+    contention,
+    monitoring,
+    retraining,
+    scaling,
+    sharded,
+    throughput,
+)
 from benchmarks.measure import REPO, machine, source_state
 from benchmarks.report import Figure, render
 from benchmarks.sizes import FULL, QUICK
@@ -31,6 +41,7 @@ ALL = (
     "end-to-end",
     "scaling",
     "quality",
+    "time-to-accuracy",
     "sharded",
     "cli-scoring",
     "retraining",
@@ -79,6 +90,7 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
         "end-to-end": end_to_end,
         "scaling": lambda: scaling.scaling(sizes, workdir),
         "quality": lambda: cli_runs.model_quality(sizes, cli, end_to_end_metrics),
+        "time-to-accuracy": lambda: accuracy.time_to_accuracy(sizes),
         "sharded": lambda: sharded.sharded_scoring(sizes, cli),
         "cli-scoring": lambda: cli_scoring.cli_scoring(sizes, cli),
         "retraining": lambda: retraining.retraining(sizes, cli),

@@ -19,13 +19,13 @@ from benchmarks.measure import HostLoad, Spread
 from benchmarks.report import Check, Figure, table
 from benchmarks.sizes import Sizes
 
-# Settings a user could make before starting featuresum, and featuresum's own policy (threads that
-# follow the load of other processes, `tasks/cpu.py`), measured through the same training call.
+# Settings a user could make before starting featuresum, featuresum's own opt-in policy among them
+# (threads that follow the load of other processes, `tasks/cpu.py`), measured through the same call.
 POLICIES = {
     "fixed threads (torch default)": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
-    "featuresum: threads follow the load": {"FEATURESUM_BENCH_ADAPTIVE": "1"},
+    "FEATURESUM_THREADS=auto: threads follow the load": {"FEATURESUM_THREADS": "auto"},
 }
 DEFAULT = "fixed threads (torch default)"
 BATCH = 256
@@ -39,9 +39,8 @@ def _child(rows: int, batch: int) -> None:
 
     from featuresum.tasks import cpu, data, training
 
-    adaptive = os.environ.get("FEATURESUM_BENCH_ADAPTIVE") == "1"
     # As the training task does: created before the data is made, adjusted before training starts.
-    threads = cpu.ThreadPolicy.for_torch() if adaptive else None
+    threads = cpu.ThreadPolicy.for_torch()
     shard = data.generate_shard(0, "train", 0, rows)
     x, y = shard.features.T.contiguous(), shard.label
     config = training.TrainConfig(epochs=1, batch_size=batch, schedule="constant")

@@ -3,9 +3,11 @@
 PyTorch's OpenMP threads spin while they wait for each other, so when another process holds a
 core, one of them is descheduled and the rest spin for it: training beside one busy process ran at
 a quarter of its idle speed with two threads, and faster with one (figure 12 of the benchmarks).
-While training, the load of other processes is measured from /proc/stat about once a second and
-the thread count follows it. Setting OMP_NUM_THREADS turns this off and keeps the count fixed
-(which also keeps training bit-for-bit reproducible whatever else runs).
+With FEATURESUM_THREADS=auto, the load of other processes is measured from /proc/stat about once a
+second while training and the thread count follows it. It is off by default: the float sums of a
+training step depend on the thread count, so a model trained while the load changed differs in its
+last bits from one trained on an idle machine, and a backfill would no longer give the versions that
+running the dates one by one gives.
 """
 
 import os
@@ -13,6 +15,8 @@ import resource
 import time
 from collections.abc import Callable
 
+# The environment variable that turns the policy on: FEATURESUM_THREADS=auto.
+SETTING = "FEATURESUM_THREADS"
 # How often the load of other processes is measured while training.
 INTERVAL_SECONDS = 1.0
 STAT = "/proc/stat"
@@ -76,8 +80,8 @@ class ThreadPolicy:
 
     @classmethod
     def for_torch(cls) -> "ThreadPolicy | None":
-        """The policy for this process's torch, or None when OMP_NUM_THREADS fixes the thread count."""
-        if os.environ.get("OMP_NUM_THREADS"):
+        """The policy for this process's torch with FEATURESUM_THREADS=auto and no OMP_NUM_THREADS, else None."""
+        if os.environ.get(SETTING) != "auto" or os.environ.get("OMP_NUM_THREADS"):
             return None
         import torch
 

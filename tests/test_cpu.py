@@ -58,11 +58,14 @@ def test_the_policy_drops_a_thread_beside_a_busy_process_and_takes_it_back(monke
     assert [count for count, _ in policy.changes] == [1, 2]
 
 
-def test_omp_num_threads_keeps_the_thread_count_fixed(monkeypatch):
+def test_the_policy_is_on_only_when_asked_for_and_omp_num_threads_is_unset(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("FEATURESUM_THREADS", raising=False)
+    assert cpu.ThreadPolicy.for_torch() is None  # off by default: training stays bit-reproducible
+    monkeypatch.setenv("FEATURESUM_THREADS", "auto")
+    assert cpu.ThreadPolicy.for_torch().limit == torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert cpu.ThreadPolicy.for_torch() is None
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert cpu.ThreadPolicy.for_torch().limit == torch.get_num_threads()
 
 
 def test_training_consults_the_policy_as_it_goes():

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import typer
 
 from featuresum.flows import runtime
-from featuresum.flows.models import models_app
+from featuresum.flows.models import iso_date, models_app
 from featuresum.flows.presets import DRIFT_ALERT, DRIFT_WARN, PRESETS
 from featuresum.flows.server import server_app
 from featuresum.tasks.errors import EnvironmentFailure, InputError, Terminated
@@ -118,20 +118,11 @@ class InitChoice(StrEnum):
     champion = "champion"
 
 
-def _iso_date(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value).isoformat()
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a date like 2026-11-28") from None
-
-
 RunDate = Annotated[
     str | None,
     typer.Option(
         "--date",
-        callback=_iso_date,
+        callback=iso_date,
         help="The date the run processes (YYYY-MM-DD): its data and its model version. [default: today, UTC]",
     ),
 ]
@@ -568,8 +559,8 @@ class ReprocessChoice(StrEnum):
     f"failed only those whose last run failed, all every date.\n\n{LOCAL_SERVER_HELP}"
 )
 def backfill(
-    from_date: Annotated[str, typer.Option("--from", callback=_iso_date, help="First date, YYYY-MM-DD.")],
-    to_date: Annotated[str, typer.Option("--to", callback=_iso_date, help="Last date, YYYY-MM-DD (included).")],
+    from_date: Annotated[str, typer.Option("--from", callback=iso_date, help="First date, YYYY-MM-DD.")],
+    to_date: Annotated[str, typer.Option("--to", callback=iso_date, help="Last date, YYYY-MM-DD (included).")],
     reprocess: Annotated[
         ReprocessChoice, typer.Option(help="Which dates with an earlier run to run again: missing, failed or all.")
     ] = ReprocessChoice.missing,

@@ -29,7 +29,8 @@ def _registry(artifacts_dir: Path):
     return Registry(artifacts_dir)
 
 
-def _iso_date(value: str | None) -> str | None:
+def iso_date(value: str | None) -> str | None:
+    """Typer callback of a date option (here and in the other commands): YYYY-MM-DD, or a usage error."""
     if value is None:
         return None
     try:
@@ -114,7 +115,7 @@ def import_model(
         str | None,
         typer.Option(
             "--date",
-            callback=_iso_date,
+            callback=iso_date,
             help="Measure it on the held-out rows of this date (YYYY-MM-DD), those a run of that date is judged on."
             " [default: the seed's undated held-out rows]",
         ),

@@ -134,19 +134,20 @@ def test_killed_training_resumes_from_its_last_epoch(cli, tmp_path):
     assert not partials()
 
 
+def start_runs(cli, tmp_path, *options: list[str]) -> list[subprocess.Popen]:
+    """`featuresum run --json` with small sizes, once per list of options, all at the same time."""
+    command = [cli.executable, *small_run_args(tmp_path), "--json"]
+    return [
+        subprocess.Popen(
+            [*command, *extra], env=cli.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for extra in options
+    ]
+
+
 def test_concurrent_runs_identical_or_not_all_succeed(cli, tmp_path):
     """Two identical runs at once (a scheduled and a manual one, say) and one with another seed."""
-    processes = [
-        subprocess.Popen(
-            [cli.executable, *small_run_args(tmp_path), "--seed", str(seed), "--json"],
-            env=cli.env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for seed in (11, 11, 12)
-    ]
+    processes = start_runs(cli, tmp_path, *(["--seed", str(seed)] for seed in (11, 11, 12)))
     summaries = []
     for process in processes:
         stdout, stderr = process.communicate(timeout=600)
@@ -286,17 +287,7 @@ def test_a_full_disk_ends_the_run_at_once_with_one_line(cli, tiny_disk, tmp_path
 
 def test_three_runs_for_different_dates_at_once_all_register(cli, tmp_path):
     days = ["2026-06-01", "2026-06-02", "2026-06-03"]
-    processes = [
-        subprocess.Popen(
-            [cli.executable, *small_run_args(tmp_path), "--date", day, "--json"],
-            env=cli.env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for day in days
-    ]
+    processes = start_runs(cli, tmp_path, *(["--date", day] for day in days))
     summaries = []
     for process in processes:
         stdout, stderr = process.communicate(timeout=600)

@@ -11,6 +11,8 @@ class Sizes:
     # Training epochs are the most sensitive to other processes: more, shorter repetitions.
     training_reps: int
     e2e_reps: int
+    # Cached reruns, `import prefect` and the minimal Prefect flow, interleaved (figure 5).
+    rerun_reps: int
     generation_rows: int
     training_rows: int
     training_holdout_rows: int
@@ -50,7 +52,8 @@ SEED_SCRIPT = (
 FULL = Sizes(
     reps=5,
     training_reps=9,
-    e2e_reps=3,
+    e2e_reps=5,
+    rerun_reps=9,
     generation_rows=200_000,
     training_rows=50_000,
     training_holdout_rows=20_000,
@@ -74,6 +77,7 @@ QUICK = Sizes(
     reps=1,
     training_reps=1,
     e2e_reps=1,
+    rerun_reps=2,
     generation_rows=5_000,
     training_rows=4_000,
     training_holdout_rows=1_000,

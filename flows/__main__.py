@@ -1,5 +1,5 @@
 """`python -m featuresum.flows` is the `featuresum` command."""
 
-from featuresum.flows.cli import main
+from featuresum.flows.cli import entry_point
 
-main()
+entry_point()

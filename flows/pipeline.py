@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.runtime import deployment, flow_run
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task
 
@@ -25,7 +25,7 @@ from featuresum.tasks.prefect_tasks import (
     write_predictions,
 )
 from featuresum.tasks.registry import Registry
-from featuresum.tasks.training import TrainConfig, resolve_device
+from featuresum.tasks.settings import TrainConfig, resolve_device
 
 Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["onecycle", "constant"]
@@ -115,12 +115,17 @@ def _tag_date(day: date) -> None:
     such instead of `scheduled`, so the UI tells it from the runs of the schedule.
     """
     from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
 
-    tags = [*flow_run.tags, f"date-{day}"]
+    # The run as the engine read it: `prefect.runtime.deployment.id` would ask the API again.
+    run = FlowRunContext.get().flow_run
+    tags = [*run.tags, f"date-{day}"]
+    if run.deployment_id and monitoring.started_by_drift(run.created_by):
+        tags = [tag for tag in tags if tag != "scheduled"] + [monitoring.RETRAIN_TAG]
+    if set(tags) == set(run.tags):
+        return
     with get_client(sync_client=True) as client:
-        if deployment.id and monitoring.started_by_drift(client.read_flow_run(flow_run.id).created_by):
-            tags = [tag for tag in tags if tag != "scheduled"] + [monitoring.RETRAIN_TAG]
-        client.update_flow_run(flow_run.id, tags=tags)
+        client.update_flow_run(run.id, tags=list(dict.fromkeys(tags)))
 
 
 def _score(

@@ -1,12 +1,18 @@
 """Synthetic data: standard-normal features, labelled by the bucket their sum falls in."""
 
+from __future__ import annotations
+
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+# torch is imported where rows are drawn: a cached run reads these constants without loading it.
+if TYPE_CHECKING:
+    import torch
 
 NUM_FEATURES = 784
 # Upper bounds of classes 0..8, exactly as the original script; class 9 is sum >= 30.
@@ -28,6 +34,8 @@ def derive_seed(*parts: object) -> int:
 
 def label_rule(feature_sum: torch.Tensor) -> torch.Tensor:
     """Class of each row sum: the number of boundaries it is greater than or equal to."""
+    import torch
+
     boundaries = torch.tensor(CLASS_BOUNDARIES, dtype=feature_sum.dtype)
     return torch.bucketize(feature_sum, boundaries, right=True)
 
@@ -49,6 +57,8 @@ def feature_mean(day: date | None, drift: float) -> float:
 
 def generate_shard(seed: int, stream: str, index: int, rows: int, day: date | None = None, drift: float = 0.0) -> Shard:
     """Rows index*SHARD_ROWS .. +rows of the dataset named by (seed, stream), or of its partition for `day`."""
+    import torch
+
     parts = (seed, stream, index) if day is None else (seed, stream, day.isoformat(), index)
     generator = torch.Generator().manual_seed(derive_seed(*parts))
     # Column-major draws let each feature column go to Parquet without a transpose.

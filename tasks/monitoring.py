@@ -140,14 +140,14 @@ def batch_figures(predictions: Path, model_reference: dict[str, Any] | None) -> 
     class_bins = np.zeros(len(model_reference["predicted_class_counts"]) if model_reference else 0, dtype=np.int64)
     rows, total, squares, confidence = 0, 0.0, 0.0, 0.0
     for batch in _batches(predictions):
-        sums = batch.column("feature_sum").to_numpy()
+        sums = storage.values(batch.column("feature_sum"))
         rows += len(sums)
         total += float(sums.sum())
         squares += float(np.square(sums).sum())
-        confidence += float(batch.column("confidence").to_numpy().sum(dtype=np.float64))
+        confidence += float(storage.values(batch.column("confidence")).sum(dtype=np.float64))
         if model_reference:
             sum_bins += bin_counts(sums, edges)
-            class_bins += np.bincount(batch.column("predicted_class").to_numpy(), minlength=len(class_bins))
+            class_bins += np.bincount(storage.values(batch.column("predicted_class")), minlength=len(class_bins))
     mean = total / rows if rows else None
     figures = {
         "rows": rows,
@@ -172,7 +172,8 @@ def read_history(artifacts_dir: Path) -> list[dict[str, Any]]:
     """Every row of the monitoring history, oldest first (none when nothing was scored yet)."""
     path = history_path(artifacts_dir)
     try:
-        return pq.read_table(path).to_pylist()
+        # ParquetFile, not read_table: the dataset API that read_table uses imports pandas.
+        return pq.ParquetFile(path).read().to_pylist()
     except FileNotFoundError:
         return []
     except pa.ArrowInvalid as error:

@@ -1,13 +1,17 @@
 """Prefect artifacts that let the UI answer: what ran, how well it did, where the files are."""
 
-from typing import Any
+from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Any
+
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from featuresum.tasks import monitoring
 from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES
 from featuresum.tasks.scoring import ScoreSummary
+
+if TYPE_CHECKING:
+    import torch
 
 
 def class_range(label: int) -> str:

@@ -1,15 +1,21 @@
 """Scoring: feature batches in, prediction record batches out, with running summary counts."""
 
+from __future__ import annotations
+
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
-from torch import nn
 
 from featuresum.tasks.data import NUM_CLASSES
 from featuresum.tasks.storage import PREDICTIONS_SCHEMA
+
+# ScoreSummary is read by reports on cached runs, which never load torch.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -34,12 +40,14 @@ class ScoreSummary:
         return self.correct / self.labelled if self.labelled else None
 
 
-@torch.no_grad()
 def predict(model: nn.Module, features: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Predicted class and its softmax probability for features of shape (784, rows)."""
+    import torch
+
     # The transposed view goes straight into the matmul; no row-major copy is made on the CPU.
     x = torch.from_numpy(features).to(device).T
-    confidence, predicted = torch.softmax(model(x), dim=1).max(dim=1)
+    with torch.no_grad():
+        confidence, predicted = torch.softmax(model(x), dim=1).max(dim=1)
     return predicted.cpu().numpy().astype(np.int64), confidence.cpu().numpy().astype(np.float32)
 
 

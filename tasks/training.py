@@ -11,20 +11,7 @@ from featuresum.tasks.checkpoint import CHECKPOINT_FORMAT
 from featuresum.tasks.cpu import ThreadPolicy
 from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES, derive_seed
 from featuresum.tasks.model import FeatureSumMLP, ModelConfig
-
-SCHEDULES = ("onecycle", "constant")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings: AdamW, optionally with a one-cycle learning-rate schedule."""
-
-    epochs: int = 4
-    batch_size: int = 256
-    lr: float = 0.003
-    weight_decay: float = 0.1
-    schedule: str = "onecycle"
-    seed: int = 0
+from featuresum.tasks.settings import TrainConfig
 
 
 @dataclass
@@ -143,14 +130,3 @@ def restore(checkpoint: dict[str, Any], state: TrainingState) -> TrainingState:
     state.epoch = checkpoint["epoch"]
     state.history = list(checkpoint["history"])
     return state
-
-
-def resolve_device(requested: str) -> tuple[str, str | None]:
-    """The device to use for 'auto', 'cpu' or 'cuda', and a warning when cuda was asked for but is absent."""
-    if requested == "cpu":
-        return "cpu", None
-    if torch.cuda.is_available():
-        return "cuda", None
-    if requested == "cuda":
-        return "cpu", "CUDA was requested but no GPU is available; falling back to the CPU"
-    return "cpu", None

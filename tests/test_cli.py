@@ -1,6 +1,7 @@
 """The installed `featuresum` command, run as a subprocess against a real local Prefect server."""
 
 import pickle
+import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,19 @@ def test_run_prints_one_json_object_and_a_clean_log(cli, tmp_path):
     for bad in ("ERROR", "Traceback", "database is locked"):
         assert bad not in result.stderr
 
-    again = run_json(cli(*small_run_args(tmp_path), "--json"))
+    # Python lists every module it imports on stderr: a cached rerun must not load torch.
+    rerun = subprocess.run(
+        [cli.executable, *small_run_args(tmp_path), "--json"],
+        cwd=cli.cwd,
+        env={**cli.env, "PYTHONPROFILEIMPORTTIME": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in rerun.stderr.splitlines() if line.startswith("import time")}
+    assert "prefect" in imported and "torch" not in imported
+    again = run_json(rerun)
     # No shard runs: the predictions are intact; the monitoring step runs for every scored batch.
     assert sorted(again["task_states"].values()) == ["Cached"] * 5 + ["Completed"]
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from featuresum.tasks import data, training
+from featuresum.tasks import data, settings, training
 from featuresum.tasks.checkpoint import model_from_checkpoint, save_checkpoint
 from featuresum.tasks.model import FeatureSumMLP
 
@@ -70,10 +70,17 @@ def test_resuming_gives_the_same_model_as_an_uninterrupted_run():
 
 
 def test_cuda_falls_back_to_the_cpu_with_a_warning_when_absent(monkeypatch):
+    monkeypatch.setattr(settings, "version", lambda name: "2.13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert training.resolve_device("auto") == ("cpu", None)
-    assert training.resolve_device("cpu") == ("cpu", None)
-    device, warning = training.resolve_device("cuda")
+    assert settings.resolve_device("auto") == ("cpu", None)
+    assert settings.resolve_device("cpu") == ("cpu", None)
+    device, warning = settings.resolve_device("cuda")
     assert device == "cpu" and "no GPU is available" in warning
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training.resolve_device("auto") == ("cuda", None)
+    assert settings.resolve_device("auto") == ("cuda", None)
+
+
+def test_a_cpu_build_of_torch_means_the_cpu_without_asking_torch(monkeypatch):
+    monkeypatch.setattr(settings, "version", lambda name: "2.13.0+cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert settings.resolve_device("auto") == ("cpu", None)

@@ -3,10 +3,12 @@
 import errno
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -48,6 +50,36 @@ def test_a_deleted_file_or_manifest_is_not_intact(tmp_path):
     storage.write_manifest(path, key="k")
     path.unlink()
     assert not storage.is_intact(path, "k")
+
+
+def test_a_manifest_describes_a_model_only_while_the_file_holds_that_content(tmp_path):
+    path = write_file(tmp_path / "model.pt")
+    written = storage.write_manifest(path, key="k", reference={"edges": [1.0]})
+    assert storage.manifest_of(path, written["fingerprint"])["reference"] == {"edges": [1.0]}
+    assert storage.manifest_of(path, "another model's fingerprint") is None
+    path.write_text("content")  # rewritten: the manifest no longer vouches for it
+    assert storage.manifest_of(path, written["fingerprint"]) is None
+
+
+@pytest.mark.parametrize("type_", [pa.float64(), pa.float32(), pa.int64(), pa.int32()])
+def test_column_values_match_pyarrow_also_for_slices_and_nulls(type_):
+    column = pa.array(range(-5, 95), type=type_)
+    for array in (column, column.slice(7, 40), pa.array([1, None, 3], type=type_)):
+        expected, got = array.to_numpy(zero_copy_only=False), storage.values(array)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)  # NaN where a value is missing
+
+
+def test_column_values_do_not_import_pandas(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"x": pa.array([0.5, 1.5, 2.5])}), path)
+    script = (
+        "import sys, pyarrow.parquet as pq; from featuresum.tasks import storage; "
+        f"batch = next(pq.ParquetFile({str(path)!r}).iter_batches()); "
+        "print(storage.values(batch.column('x')).sum(), 'pandas' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["4.5", "False"]
 
 
 def feature_file(path, row_group_rows):

@@ -7,6 +7,7 @@ but the last task. Its wall time, as a process, is the floor of a cached `featur
 """
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 STEPS = ("generate-train", "generate-holdout", "train-model", "generate-score", "write-predictions")
 
@@ -21,7 +22,7 @@ def step(name: str) -> dict:
     return {"path": f"/tmp/{name}", "fingerprint": "0" * 64}
 
 
-@task(task_run_name="monitor")
+@task(task_run_name="monitor", cache_policy=NO_CACHE)
 def monitor(results: list[dict]) -> dict:
     """An uncached task, as featuresum's monitoring is."""
     return {"rows": len(results)}

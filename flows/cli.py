@@ -816,12 +816,14 @@ def entry_point() -> None:
     status: list[object] = [1]  # an error that escapes main exits 1, as Python would
 
     def exit_now() -> None:
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to flush
-                stream.flush()
-        code = status[0]
-        os._exit(0 if code is None else code if isinstance(code, int) else 1)
+        try:
+            logging.shutdown()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to flush
+                    stream.flush()
+            code = status[0]
+            os._exit(0 if code is None else code if isinstance(code, int) else 1)
 
     atexit.register(exit_now)
     try:

@@ -1,7 +1,12 @@
 """Training settings and the choice of device: what a flow needs to key its tasks, importable without torch."""
 
+import os
+import sys
 from dataclasses import dataclass
 from importlib.metadata import version
+
+# What a Linux machine shows when it has a GPU torch could use: NVIDIA's driver, or AMD's (ROCm).
+GPU_DRIVERS = ("/proc/driver/nvidia/version", "/dev/kfd")
 
 
 @dataclass(frozen=True)
@@ -17,8 +22,10 @@ class TrainConfig:
 
 
 def cuda_available() -> bool:
-    """Whether torch can use a GPU; a CPU-only build of torch (`+cpu`) answers without importing it."""
+    """Whether torch can use a GPU; without a GPU driver, or with a CPU-only build of torch, torch is not imported."""
     if version("torch").endswith("+cpu"):
+        return False
+    if sys.platform == "linux" and not any(map(os.path.exists, GPU_DRIVERS)):
         return False
     import torch
 

@@ -69,8 +69,9 @@ def test_resuming_gives_the_same_model_as_an_uninterrupted_run():
         assert torch.allclose(value, resumed.model.state_dict()[key]), key
 
 
-def test_cuda_falls_back_to_the_cpu_with_a_warning_when_absent(monkeypatch):
+def test_cuda_falls_back_to_the_cpu_with_a_warning_when_absent(monkeypatch, tmp_path):
     monkeypatch.setattr(settings, "version", lambda name: "2.13.0")
+    monkeypatch.setattr(settings, "GPU_DRIVERS", (str(tmp_path),))  # a driver is present: torch is asked
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert settings.resolve_device("auto") == ("cpu", None)
     assert settings.resolve_device("cpu") == ("cpu", None)
@@ -80,7 +81,11 @@ def test_cuda_falls_back_to_the_cpu_with_a_warning_when_absent(monkeypatch):
     assert settings.resolve_device("auto") == ("cuda", None)
 
 
-def test_a_cpu_build_of_torch_means_the_cpu_without_asking_torch(monkeypatch):
-    monkeypatch.setattr(settings, "version", lambda name: "2.13.0+cpu")
+def test_a_cpu_build_of_torch_or_no_gpu_driver_means_the_cpu_without_asking_torch(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(settings, "GPU_DRIVERS", (str(tmp_path),))
+    monkeypatch.setattr(settings, "version", lambda name: "2.13.0+cpu")
+    assert settings.resolve_device("auto") == ("cpu", None)
+    monkeypatch.setattr(settings, "version", lambda name: "2.13.0")
+    monkeypatch.setattr(settings, "GPU_DRIVERS", (str(tmp_path / "no-driver"),))
     assert settings.resolve_device("auto") == ("cpu", None)

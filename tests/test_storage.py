@@ -64,7 +64,7 @@ def test_a_manifest_describes_a_model_only_while_the_file_holds_that_content(tmp
 @pytest.mark.parametrize("type_", [pa.float64(), pa.float32(), pa.int64(), pa.int32()])
 def test_column_values_match_pyarrow_also_for_slices_and_nulls(type_):
     column = pa.array(range(-5, 95), type=type_)
-    for array in (column, column.slice(7, 40), pa.array([1, None, 3], type=type_)):
+    for array in (column, column.slice(7, 40), column.slice(0, 0), pa.array([1, None, 3], type=type_)):
         expected, got = array.to_numpy(zero_copy_only=False), storage.values(array)
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)  # NaN where a value is missing

@@ -112,7 +112,8 @@ def _tag_date(day: date) -> None:
     """Add the run's date to its tags, so the UI can filter runs by the date they processed.
 
     A deployment run that a drift alert started (through the deployment's trigger) is tagged as
-    such instead of `scheduled`, so the UI tells it from the runs of the schedule.
+    such instead of `scheduled`, so the UI tells it from the runs of the schedule. A CLI run gets
+    its date tag when it is created, and then needs no API call here.
     """
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext

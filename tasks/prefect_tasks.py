@@ -241,11 +241,7 @@ def _train(
         "val_accuracy": training.accuracy(confusion),
         "holdout_rows": len(holdout_data[0]),
     }
-    baseline = monitoring.reference(
-        x.sum(dim=1, dtype=torch.float64).cpu().numpy(),
-        float(x.std(dim=0).mean()),
-        confusion.sum(dim=0).tolist(),
-    )
+    baseline = monitoring.reference(*monitoring.training_figures(x.cpu().numpy()), confusion.sum(dim=0).tolist())
     extra = {**provenance, "metrics": metrics, "reference": baseline}
     save_checkpoint(path, training.to_checkpoint(state, settings, extra))
     partial.unlink(missing_ok=True)

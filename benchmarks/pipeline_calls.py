@@ -20,7 +20,7 @@ def generate_parquet(path: Path, rows: int, seed: int, stream: str = "train") ->
     written = storage.write_parquet(path, storage.DATASET_SCHEMA, shards)
     spec = {"stream": stream, "rows": rows, "seed": seed, "code": storage.code_version()}
     key = _task_key("generate_dataset", {"stream": stream, "rows": rows, "seed": seed, "path": str(path)})
-    return storage.write_manifest(path, key, content_key=storage.spec_key(spec), rows=written)
+    return storage.write_manifest(path, key, storage.spec_key(spec), written, rows=written.rows)
 
 
 def dataset_in_memory(seed: int, stream: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +49,8 @@ def score_parquet(model: Path, source: Path, destination: Path, device: str = "c
     classifier = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(model), target)
     summary = scoring.ScoreSummary()
     batches = storage.iter_feature_batches(source)
-    rows = storage.write_parquet(
-        destination, storage.PREDICTIONS_SCHEMA, scoring.score_batches(classifier, batches, target, summary)
-    )
+    predictions = scoring.score_batches(classifier, batches, target, summary)
+    written = storage.write_parquet(destination, storage.PREDICTIONS_SCHEMA, predictions)
     key = _task_key("score_shard", {"model": str(model), "features": str(source), "device": device})
-    storage.write_manifest(destination, key, rows=rows, score_accuracy=summary.accuracy)
+    storage.write_manifest(destination, key, written=written, rows=written.rows, score_accuracy=summary.accuracy)
     return summary

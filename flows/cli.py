@@ -85,8 +85,10 @@ class ScheduleChoice(StrEnum):
 
 
 Seed = Annotated[int, typer.Option(min=0, help="Seed of every random draw; the same seed gives the same bytes.")]
-DataDir = Annotated[Path, typer.Option(help="Folder for generated Parquet data.")]
-ArtifactsDir = Annotated[Path, typer.Option(help="Folder for checkpoints and predictions.")]
+DataDir = Annotated[str, typer.Option(help="Folder for generated Parquet data, or s3://bucket/prefix.")]
+ArtifactsDir = Annotated[
+    str, typer.Option(help="Folder for checkpoints, predictions, the registry and the history, or s3://bucket/prefix.")
+]
 DeviceOpt = Annotated[DeviceChoice, typer.Option(help="Where to train and score; cuda falls back to cpu if absent.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with paths, metrics and task states.")]
 Refresh = Annotated[bool, typer.Option(help="Recompute every step instead of reusing cached outputs.")]
@@ -176,11 +178,19 @@ def flow_parameters(preset: Preset, **options: Any) -> dict[str, Any]:
     return values
 
 
-def prepare_folders(*folders: Path) -> None:
-    """Create the folders a run writes to, so a path that cannot be one fails in a line, before any run."""
+def prepare_folders(*folders: str | Path) -> None:
+    """Create the folders a run writes to, so a path that cannot be one fails in a line, before any run.
+
+    On object storage there are no folders to create: the bucket must exist and take our credentials.
+    """
+    from featuresum.tasks import s3
+
     for folder in folders:
+        if s3.is_uri(folder):
+            s3.check_bucket(folder)
+            continue
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            Path(folder).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise EnvironmentFailure(f"disk full: cannot create {folder}") from None
@@ -420,8 +430,8 @@ def run(
     window_days: WindowDays = 1,
     drift: Drift = 0.0,
     init: InitOpt = InitChoice.scratch,
-    data_dir: DataDir = Path("data"),
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    data_dir: DataDir = "data",
+    artifacts_dir: ArtifactsDir = "artifacts",
     device: DeviceOpt = DeviceChoice.auto,
     runner: RunnerOpt = RunnerChoice.default,
     dask_address: DaskAddress = None,
@@ -457,8 +467,8 @@ def train(
     window_days: WindowDays = 1,
     drift: Drift = 0.0,
     init: InitOpt = InitChoice.scratch,
-    data_dir: DataDir = Path("data"),
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    data_dir: DataDir = "data",
+    artifacts_dir: ArtifactsDir = "artifacts",
     device: DeviceOpt = DeviceChoice.auto,
     min_improvement: MinImprovement = 0.0,
     refresh: Refresh = False,
@@ -483,14 +493,16 @@ def score(
             help="A checkpoint file, or a registered model: `champion` or a version number (see `featuresum models`)."
         ),
     ],
-    input: Annotated[Path | None, typer.Option(help="Parquet file of feature rows to score.")] = None,
+    input: Annotated[str | None, typer.Option(help="Parquet file of feature rows to score (or an s3:// URI).")] = None,
     samples: Annotated[int | None, typer.Option(min=0, help="Score a fresh batch of this many rows.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Predictions file (default: under --artifacts-dir).")] = None,
+    output: Annotated[
+        str | None, typer.Option(help="Predictions file or s3:// URI (default: under --artifacts-dir).")
+    ] = None,
     seed: Seed = 0,
     run_date: RunDate = None,
     drift: Drift = 0.0,
-    data_dir: DataDir = Path("data"),
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    data_dir: DataDir = "data",
+    artifacts_dir: ArtifactsDir = "artifacts",
     device: DeviceOpt = DeviceChoice.auto,
     runner: RunnerOpt = RunnerChoice.default,
     dask_address: DaskAddress = None,
@@ -506,13 +518,14 @@ def score(
     from featuresum.tasks.checkpoint import load_checkpoint
     from featuresum.tasks.registry import Registry
 
-    model = Path(model)
-    if not model.exists() and (model.name == "champion" or model.name.isdigit()) and model.name == str(model):
-        model = Path(Registry(artifacts_dir).resolve(model.name).checkpoint)
     if (input is None) == (samples is None):
         raise typer.BadParameter("give exactly one of --input PARQUET or --samples N")
+    locations = [storage.at(given) for given in (model, input, output, data_dir, artifacts_dir) if given]
+    prepare_folders(*{storage.parent(given) for given in locations if storage.is_remote(given)})
+    if (model == "champion" or model.isdigit()) and not storage.exists(model):
+        model = str(Registry(artifacts_dir).resolve(model).checkpoint)
     for given in filter(None, (input, model)):
-        if output is not None and output.resolve() == given.resolve():
+        if output is not None and storage.resolve(output) == storage.resolve(given):
             raise typer.BadParameter(
                 f"{output} is also an input of this run; choose another file", param_hint="--output"
             )
@@ -520,18 +533,18 @@ def score(
     # one clear line; the input's values are checked while it is scored (one read of a big file).
     load_checkpoint(model)
     if input is not None:
-        storage.open_features(input)
-    prepare_folders(data_dir, artifacts_dir, *([output.parent] if output else []))
+        storage.open_features(storage.at(input))
+    prepare_folders(data_dir, artifacts_dir, *([storage.parent(output)] if output else []))
     parameters = {
-        "model": str(model),
-        "input": str(input) if input else None,
+        "model": model,
+        "input": input,
         "samples": samples,
         "seed": seed,
         "run_date": run_date or _today(),
         "drift": drift,
-        "output": str(output) if output else None,
-        "data_dir": str(data_dir),
-        "artifacts_dir": str(artifacts_dir),
+        "output": output,
+        "data_dir": data_dir,
+        "artifacts_dir": artifacts_dir,
         "device": device.value,
         "drift_warn": drift_warn,
         "drift_alert": drift_alert,
@@ -586,8 +599,8 @@ def backfill(
     window_days: WindowDays = 1,
     drift: Drift = 0.0,
     init: InitOpt = InitChoice.scratch,
-    data_dir: DataDir = Path("data"),
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    data_dir: DataDir = "data",
+    artifacts_dir: ArtifactsDir = "artifacts",
     device: DeviceOpt = DeviceChoice.auto,
     shard_rows: ShardRows = None,
     min_improvement: MinImprovement = 0.0,
@@ -647,7 +660,7 @@ def _skipped(day: date, previous: Any) -> dict[str, Any]:
     return {"run_date": day.isoformat(), "flow_run_id": str(previous.id) if previous else None, "state": "Skipped"}
 
 
-def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[list[dict[str, Any]], Path]:
+def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[list[dict[str, Any]], str]:
     """Runs of a served deployment, one per date; the registry is in the deployment's artifacts folder."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -661,7 +674,7 @@ def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[l
             found = client.read_deployment_by_name(name)
     except (ObjectNotFound, ValueError):
         raise typer.BadParameter(f"no deployment {name!r} (give flow/name, e.g. featuresum-pipeline/<name>)") from None
-    artifacts_dir = Path(found.parameters.get("artifacts_dir", "artifacts"))
+    artifacts_dir = found.parameters.get("artifacts_dir", "artifacts")
     registry, runs = Registry(artifacts_dir), []
     for day, run, skipped in backfills.on_deployment(name, days, reprocess):
         if skipped:
@@ -685,7 +698,7 @@ def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[l
     return runs, artifacts_dir
 
 
-def _report_backfill(runs: list[dict[str, Any]], artifacts_dir: Path, as_json: bool) -> None:
+def _report_backfill(runs: list[dict[str, Any]], artifacts_dir: str, as_json: bool) -> None:
     from featuresum.tasks.registry import Registry
 
     champion = Registry(artifacts_dir).alias()
@@ -717,8 +730,8 @@ def serve(
     window_days: WindowDays = 1,
     drift: Drift = 0.0,
     init: InitOpt = InitChoice.scratch,
-    data_dir: DataDir = Path("data"),
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    data_dir: DataDir = "data",
+    artifacts_dir: ArtifactsDir = "artifacts",
     device: DeviceOpt = DeviceChoice.auto,
     shard_rows: ShardRows = None,
     min_improvement: MinImprovement = 0.0,
@@ -738,17 +751,18 @@ def serve(
     options = dict(locals())
     del options["cron"], options["timezone"], options["name"], options["retrain_on_drift"]
     from featuresum.flows.serve import cron_schedule, serve_pipeline
+    from featuresum.tasks import storage
 
     when = cron_schedule(cron, timezone)
     # Absolute folders: runs execute in subprocesses and may be triggered from anywhere.
-    options.update(data_dir=data_dir.resolve(), artifacts_dir=artifacts_dir.resolve())
+    options.update(data_dir=storage.resolve(data_dir), artifacts_dir=storage.resolve(artifacts_dir))
     prepare_folders(options["data_dir"], options["artifacts_dir"])
     serve_pipeline(name, when, flow_parameters(options.pop("preset"), **options), retrain_on_drift)
 
 
 @app.command()
 def monitor(
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    artifacts_dir: ArtifactsDir = "artifacts",
     last: Annotated[int, typer.Option(min=1, help="Show the latest N scored batches.")] = 30,
     json_output: Annotated[bool, typer.Option("--json", help="Print the rows as one JSON list.")] = False,
 ) -> None:
@@ -794,6 +808,8 @@ def _exit_code(error: BaseException) -> tuple[int, str | None]:
         return 1, str(error)
     if isinstance(error, sqlite3.Error):
         return 1, f"the model registry could not be used ({error})"
+    if type(error).__module__.startswith("botocore"):
+        return 1, f"the object store failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         return (2 if error.errno in USER_ERRNOS else 1), f"{where}{error.strerror or error}"

@@ -18,12 +18,14 @@ models_app = typer.Typer(
     help="Model versions and the champion: every trained model is a version; `champion` is the one scoring uses.",
     no_args_is_help=True,
 )
-ArtifactsDir = Annotated[Path, typer.Option(help="Folder of the checkpoints and the registry (registry.sqlite).")]
+ArtifactsDir = Annotated[
+    str, typer.Option(help="Folder (or s3://bucket/prefix) of the checkpoints and the registry (registry.sqlite).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Reference = Annotated[str, typer.Argument(help="A version number, or `champion`.")]
 
 
-def _registry(artifacts_dir: Path):
+def _registry(artifacts_dir: str):
     from featuresum.tasks.registry import Registry
 
     return Registry(artifacts_dir)
@@ -45,7 +47,7 @@ def _accuracy(metrics: dict) -> str:
 
 
 @models_app.command("list")
-def list_versions(artifacts_dir: ArtifactsDir = Path("artifacts"), json_output: JsonOpt = False) -> None:
+def list_versions(artifacts_dir: ArtifactsDir = "artifacts", json_output: JsonOpt = False) -> None:
     """List every registered version, oldest first, with its held-out accuracy and aliases."""
     versions = _registry(artifacts_dir).versions()
     if json_output:
@@ -64,7 +66,7 @@ def list_versions(artifacts_dir: ArtifactsDir = Path("artifacts"), json_output: 
 
 
 @models_app.command()
-def show(reference: Reference, artifacts_dir: ArtifactsDir = Path("artifacts")) -> None:
+def show(reference: Reference, artifacts_dir: ArtifactsDir = "artifacts") -> None:
     """Everything recorded of one version (as JSON), and the champion's alias history."""
     registry = _registry(artifacts_dir)
     version = registry.resolve(reference)
@@ -78,7 +80,7 @@ def show(reference: Reference, artifacts_dir: ArtifactsDir = Path("artifacts")) 
 def promote(
     version: Annotated[int, typer.Argument(help="The version to make the champion.")],
     reason: Annotated[str, typer.Option(help="Why, kept in the alias history.")] = "promoted by hand",
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    artifacts_dir: ArtifactsDir = "artifacts",
 ) -> None:
     """Make a version the champion, whatever its accuracy; the change is kept in the history."""
     change = _registry(artifacts_dir).set_alias(version, reason)
@@ -91,7 +93,7 @@ def promote(
 @models_app.command()
 def rollback(
     reason: Annotated[str, typer.Option(help="Why, kept in the alias history.")] = "rolled back by hand",
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    artifacts_dir: ArtifactsDir = "artifacts",
 ) -> None:
     """Point the champion back at the version it pointed at before its latest change."""
     change = _registry(artifacts_dir).rollback(reason)
@@ -106,7 +108,7 @@ def import_model(
             metavar="MODEL_PTH", help="A model saved by the original script: torch.save(model.state_dict(), path)."
         ),
     ],
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    artifacts_dir: ArtifactsDir = "artifacts",
     holdout_samples: Annotated[
         int, typer.Option(min=1, help="Held-out rows to measure it on, drawn from --seed as a run draws its own.")
     ] = DEFAULT.holdout_samples,
@@ -148,12 +150,12 @@ def import_model(
 @models_app.command()
 def export(
     reference: Reference,
-    output: Annotated[Path, typer.Option(help="The file to write, e.g. model.pth (replaced atomically).")],
-    artifacts_dir: ArtifactsDir = Path("artifacts"),
+    output: Annotated[str, typer.Option(help="The file to write, e.g. model.pth (replaced atomically).")],
+    artifacts_dir: ArtifactsDir = "artifacts",
 ) -> None:
     """Write a version's weights as a plain state_dict, which the original script's SimpleNN loads."""
     from featuresum.tasks.portable import export_state_dict
 
     version = _registry(artifacts_dir).resolve(reference)
-    export_state_dict(Path(version.checkpoint), output)
+    export_state_dict(version.checkpoint, output)
     print(f"version {version.version} written to {output}: SimpleNN().load_state_dict(torch.load(path)) loads it")

@@ -49,7 +49,7 @@ def _call(task: Task, states: dict[str, str], **parameters: Any) -> dict:
     return state.result()
 
 
-def _cached(task: Task, path: Path, refresh: bool, **parameters: Any) -> tuple[Task, dict[str, Any]]:
+def _cached(task: Task, path: storage.Location, refresh: bool, **parameters: Any) -> tuple[Task, dict[str, Any]]:
     """The task, forced to recompute unless `path` is the very file that a run with these parameters wrote.
 
     Prefect's cache record alone would be reused even when the file was since deleted, rewritten,
@@ -61,7 +61,7 @@ def _cached(task: Task, path: Path, refresh: bool, **parameters: Any) -> tuple[T
     return task.with_options(refresh_cache=refresh or not fresh), parameters
 
 
-def _run_cached(task: Task, path: Path, refresh: bool, states: dict[str, str], **parameters: Any) -> dict:
+def _run_cached(task: Task, path: storage.Location, refresh: bool, states: dict[str, str], **parameters: Any) -> dict:
     """Call a cached task in the flow's process and return its result."""
     task, parameters = _cached(task, path, refresh, **parameters)
     return _call(task, states, **parameters)
@@ -84,7 +84,7 @@ class Source:
 def _generate(stream: str, rows: int, day: date, source: Source, refresh: bool, states: dict) -> dict:
     """One date's partition of a stream (cached: a date already generated is never generated again)."""
     spec = {"stream": stream, "rows": rows, "seed": source.seed, "drift": source.drift}
-    path = storage.partition_path(Path(source.data_dir).resolve(), stream, spec, day)
+    path = storage.partition_path(storage.resolve(source.data_dir), stream, spec, day)
     return _run_cached(generate_dataset, path, refresh, states, **spec, day=day.isoformat())
 
 
@@ -145,18 +145,18 @@ def _score(
     """
     scored = {"model": _ref(model), "features": _ref(features), "device": device}
     if output:
-        path = Path(output).resolve()
+        path = storage.resolve(output)
     else:
-        path = storage.output_path(Path(artifacts_dir).resolve(), "predictions", scored, ".parquet")
+        path = storage.output_path(storage.resolve(artifacts_dir), "predictions", scored, ".parquet")
     combine, combined = _cached(write_predictions, path, refresh, **scored, shards=None)
     if combine.refresh_cache:
         combined["shards"] = _score_shards(scored, path, shard_rows, refresh, states)
     return _call(combine, states, **combined)
 
 
-def _score_shards(scored: dict, path: Path, shard_rows: int, refresh: bool, states: dict) -> list[dict]:
+def _score_shards(scored: dict, path: storage.Location, shard_rows: int, refresh: bool, states: dict) -> list[dict]:
     futures = []
-    for index, row_groups in enumerate(storage.row_group_shards(Path(scored["features"]["path"]), shard_rows)):
+    for index, row_groups in enumerate(storage.row_group_shards(storage.at(scored["features"]["path"]), shard_rows)):
         shard = {**scored, "row_groups": row_groups, "index": index}
         part = storage.part_path(path, index, {**shard, "code": storage.code_version()})
         task, parameters = _cached(score_shard, part, refresh, **shard)
@@ -182,7 +182,7 @@ def _monitor(
     states: dict,
 ) -> dict[str, Any]:
     """Drift and accuracy of the scored batch, added to the monitoring history; returns `--json`'s drift."""
-    registered = Registry(Path(artifacts_dir).resolve()).find(model["fingerprint"])
+    registered = Registry(storage.resolve(artifacts_dir)).find(model["fingerprint"])
     monitored = _call(
         monitor_batch,
         states,
@@ -192,7 +192,7 @@ def _monitor(
         run_date=day.isoformat(),
         model_version=registered.version if registered else None,
         thresholds=thresholds,
-        artifacts_dir=str(Path(artifacts_dir).resolve()),
+        artifacts_dir=str(storage.resolve(artifacts_dir)),
         scored_by=scored_by,
         refresh=refresh,
     )
@@ -201,7 +201,10 @@ def _monitor(
 
 def _sweep(*directories: str) -> None:
     """Remove temporary files that killed runs left behind (never a live run's)."""
-    for directory in map(Path, directories):
+    for directory in directories:
+        if storage.is_remote(directory):
+            continue  # a killed upload leaves no object under a final key; see README on the store's lifecycle
+        directory = Path(directory)
         if directory.is_dir() and (removed := storage.sweep_leftovers(directory)):
             get_run_logger().info("Removed %d leftover temporary files of killed runs in %s", len(removed), directory)
 
@@ -257,9 +260,10 @@ def _train(
         "device": device,
         "init": _initial_weights(init, window.day, artifacts_dir),
     }
-    path = storage.output_path(Path(artifacts_dir).resolve(), "model", parameters, ".pt")
+    path = storage.output_path(storage.resolve(artifacts_dir), "model", parameters, ".pt")
     model = _run_cached(train_model, path, refresh, states, **parameters)
-    dataset = {"path": str(Path(train[-1]["path"]).parents[1]), "rows": sum(part["rows"] for part in train)}
+    folder = storage.parent(storage.parent(train[-1]["path"]))
+    dataset = {"path": str(folder), "rows": sum(part["rows"] for part in train)}
     return dataset, holdout, model
 
 
@@ -272,10 +276,10 @@ def _initial_weights(init: str, day: date, artifacts_dir: str) -> dict[str, str]
     """
     if init == "scratch":
         return None
-    registry = Registry(Path(artifacts_dir).resolve())
+    registry = Registry(storage.resolve(artifacts_dir))
     for change in reversed(registry.history()):
         champion = registry.get(change.version)
-        if (champion.run_date or "") < day.isoformat() and Path(champion.checkpoint).is_file():
+        if (champion.run_date or "") < day.isoformat() and storage.exists(champion.checkpoint):
             return {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
     get_run_logger().info("No champion from before %s to start from: training from scratch", day)
     return None
@@ -290,7 +294,7 @@ def _gate(
     rows by a cached task. A concurrent run that moves the champion meanwhile makes the gate decide
     again against the new champion (compare-and-set), so no promotion is lost or made blindly.
     """
-    registry = Registry(Path(artifacts_dir).resolve())
+    registry = Registry(storage.resolve(artifacts_dir))
     run_id = str(flow_run.id)
     challenger = registry.register(
         model["path"],
@@ -308,7 +312,7 @@ def _gate(
             promoted, reason = True, "first model: there was no champion"
         elif champion.version == challenger.version:
             promoted, reason, champion_accuracy = False, "the challenger is the champion already", challenger_accuracy
-        elif not Path(champion.checkpoint).is_file():
+        elif not storage.exists(champion.checkpoint):
             promoted, reason = True, f"the champion's checkpoint {champion.checkpoint} is gone"
         else:
             reference = {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
@@ -364,7 +368,7 @@ def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:
     if output is None:
         return
     for given in filter(None, inputs):
-        if Path(output).resolve() == Path(given).resolve():
+        if storage.resolve(output) == storage.resolve(given):
             raise InputError(f"{output}: the output would overwrite an input of this run; choose another --output")
 
 
@@ -432,9 +436,9 @@ def score_flow(
     monitoring.check_thresholds(drift_warn, drift_alert)
     day = _begin(run_date, data_dir, artifacts_dir)
     fingerprint = fingerprint_input.with_options(refresh_cache=refresh)
-    checkpoint = _call(fingerprint, states, path=str(Path(model).resolve()))
+    checkpoint = _call(fingerprint, states, path=str(storage.resolve(model)))
     if input is not None:
-        features = _call(fingerprint, states, path=str(Path(input).resolve()))
+        features = _call(fingerprint, states, path=str(storage.resolve(input)))
     else:
         rows = DEFAULT.score_samples if samples is None else samples
         features = _generate("score", rows, day, Source(seed, drift, data_dir), refresh, states)
@@ -443,7 +447,7 @@ def score_flow(
     thresholds = {"warn": drift_warn, "alert": drift_alert}
     observed = _monitor(checkpoint, features, predictions, day, thresholds, artifacts_dir, "score", refresh, states)
     summary = _summary(states, checkpoint=checkpoint, score_input=features, predictions=predictions)
-    if registered := Registry(Path(artifacts_dir).resolve()).find(checkpoint["fingerprint"]):
+    if registered := Registry(storage.resolve(artifacts_dir)).find(checkpoint["fingerprint"]):
         summary["model_version"] = registered.version
     return {**summary, "run_date": day.isoformat(), "drift": observed}
 

@@ -14,22 +14,21 @@ from typing import Any
 
 import torch
 
+from featuresum.tasks import storage
 from featuresum.tasks.errors import InputError
 from featuresum.tasks.model import FeatureSumMLP, ModelConfig
-from featuresum.tasks.storage import atomic_path
 
 CHECKPOINT_FORMAT = "featuresum-checkpoint/1"
 # torch.save writes a zip archive; anything else (legacy pickles included) is refused unread.
 ZIP_MAGIC = b"PK\x03\x04"
 
 
-def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
-    """Write a checkpoint atomically."""
+def save_checkpoint(path: storage.Location, checkpoint: dict[str, Any]) -> storage.Written:
+    """Write a checkpoint atomically (on object storage: in one PUT); returns what was written."""
     # Serialised in memory first: torch reports a failed file write as a RuntimeError without its errno.
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
+    return storage.write_bytes(path, buffer.getvalue())
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device) -> FeatureSumMLP:
@@ -44,28 +43,28 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: storage.Location) -> dict[str, Any]:
     """Load and validate a featuresum checkpoint without running any code stored in it.
 
     Whatever bytes `path` holds (nothing, text, random bytes, another zip, a directory), the
     outcome is the checkpoint or an InputError naming the file and the problem.
     """
-    if path.is_dir():
+    path = storage.at(path)
+    if isinstance(path, Path) and path.is_dir():
         raise InputError(f"{path}: is a directory, not a checkpoint")
     try:
-        with path.open("rb") as f:
-            magic = f.read(len(ZIP_MAGIC))
+        content = storage.read_bytes(path)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except OSError as error:
         raise InputError(f"{path}: cannot be read ({error.strerror})") from None
-    if magic != ZIP_MAGIC:
+    if content[: len(ZIP_MAGIC)] != ZIP_MAGIC:
         raise InputError(f"{path}: refused: not a featuresum checkpoint (not a PyTorch archive; nothing was loaded)")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols before refusing a file; our error says it better.
             warnings.simplefilter("ignore", UserWarning)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise InputError(f"{path}: refused: not a weights-only checkpoint (loading it could run code)") from None
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as error:

@@ -13,7 +13,6 @@ Every batch's figures are one row of the monitoring history, `monitoring.parquet
 import math
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,12 +140,12 @@ def started_by_drift(created_by: Any) -> bool:
     return (created_by.display_value or "").startswith(RETRAIN_AUTOMATION)
 
 
-def _batches(predictions: Path) -> Iterator[pa.RecordBatch]:
-    file = pq.ParquetFile(predictions, pre_buffer=False)
+def _batches(predictions: storage.Location) -> Iterator[pa.RecordBatch]:
+    file = pq.ParquetFile(storage.open_input(predictions), pre_buffer=False)
     yield from file.iter_batches(batch_size=READ_ROWS, columns=PREDICTION_COLUMNS)
 
 
-def batch_figures(predictions: Path, model_reference: dict[str, Any] | None) -> dict[str, Any]:
+def batch_figures(predictions: storage.Location, model_reference: dict[str, Any] | None) -> dict[str, Any]:
     """PSIs, mean and spread of the feature sums and mean confidence of a predictions file, read in batches.
 
     Memory stays bounded whatever the file's size. Without a reference (a checkpoint from before
@@ -180,19 +179,25 @@ def batch_figures(predictions: Path, model_reference: dict[str, Any] | None) -> 
     return figures
 
 
-def history_path(artifacts_dir: Path) -> Path:
+def history_path(artifacts_dir: storage.Location) -> storage.Location:
     """The monitoring history of an artifacts folder."""
-    return Path(artifacts_dir) / HISTORY_FILE
+    return storage.join(storage.at(artifacts_dir), HISTORY_FILE)
 
 
-def read_history(artifacts_dir: Path) -> list[dict[str, Any]]:
+def read_history(artifacts_dir: storage.Location) -> list[dict[str, Any]]:
     """Every row of the monitoring history, oldest first (none when nothing was scored yet)."""
-    path = history_path(artifacts_dir)
     try:
-        # ParquetFile, not read_table: the dataset API that read_table uses imports pandas.
-        return pq.ParquetFile(path).read().to_pylist()
+        return _rows(history_path(artifacts_dir), storage.read_bytes(history_path(artifacts_dir)))
     except FileNotFoundError:
         return []
+
+
+def _rows(path: storage.Location, content: bytes | None) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    try:
+        # ParquetFile, not read_table: the dataset API that read_table uses imports pandas.
+        return pq.ParquetFile(pa.BufferReader(content)).read().to_pylist()
     except pa.ArrowInvalid as error:
         raise InputError(f"{path}: not a monitoring history ({error}); move it aside") from None
 
@@ -201,21 +206,24 @@ def _key(row: dict[str, Any]) -> tuple:
     return tuple(row[name] for name in HISTORY_KEY)
 
 
-def _rewrite(artifacts_dir: Path, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
-    """Read, change and atomically replace the history while holding its lock.
+def _rewrite(artifacts_dir: storage.Location, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
+    """Read, change and atomically replace the history (storage.update: a lock, or a conditional write).
 
-    Writers queue on the lock, so concurrent runs never lose each other's rows, and a reader never
-    sees half a file.
+    Concurrent runs never lose each other's rows, and a reader never sees half a file.
     """
     path = history_path(artifacts_dir)
-    with storage.exclusive(path):
-        rows = change(read_history(artifacts_dir))
+
+    def rewrite(content: bytes | None) -> bytes:
+        rows = change(_rows(path, content))
         rows.sort(key=lambda kept: (kept["run_date"] or "", kept["recorded"]))
-        with storage.atomic_path(path) as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA), tmp)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA), sink)
+        return sink.getvalue().to_pybytes()
+
+    storage.update(path, rewrite)
 
 
-def record(artifacts_dir: Path, row: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
+def record(artifacts_dir: storage.Location, row: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
     """Put a scored batch's row in the history and return it as stored.
 
     One row per batch, model and date: a later run that monitors the same batch replaces the row
@@ -235,7 +243,7 @@ def record(artifacts_dir: Path, row: dict[str, Any], refresh: bool = False) -> d
     return stored
 
 
-def mark_alerted(artifacts_dir: Path, row: dict[str, Any]) -> None:
+def mark_alerted(artifacts_dir: storage.Location, row: dict[str, Any]) -> None:
     """Note in the history that the drift event of this row's batch was sent."""
 
     def change(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -145,14 +145,14 @@ def wrap_state_dict(weights: dict[str, torch.Tensor], source: str, source_finger
     }
 
 
-def imported_checkpoint_path(artifacts_dir: Path, source_fingerprint: str) -> Path:
+def imported_checkpoint_path(artifacts_dir: storage.Location, source_fingerprint: str) -> storage.Location:
     """Where the checkpoint wrapping the .pth file with this SHA-256 is kept."""
-    return artifacts_dir / f"{IMPORTED_PREFIX}{source_fingerprint[:16]}.pt"
+    return storage.join(artifacts_dir, f"{IMPORTED_PREFIX}{source_fingerprint[:16]}.pt")
 
 
-def _holds_import(path: Path, source_fingerprint: str) -> bool:
+def _holds_import(path: storage.Location, source_fingerprint: str) -> bool:
     """Whether `path` is a readable checkpoint wrapping the .pth file with this SHA-256."""
-    if not path.is_file():
+    if not storage.exists(path):
         return False
     try:
         return load_checkpoint(path).get("source_fingerprint") == source_fingerprint
@@ -173,8 +173,7 @@ def _restore_checkpoint(version: Version, weights: dict[str, torch.Tensor], sour
     buffer = io.BytesIO()
     torch.save(wrap_state_dict(weights, version.config["imported_from"], source_fingerprint), buffer)
     if hashlib.sha256(buffer.getbuffer()).hexdigest() == version.fingerprint:
-        with storage.atomic_path(Path(version.checkpoint)) as tmp:
-            tmp.write_bytes(buffer.getbuffer())
+        storage.write_bytes(version.checkpoint, buffer.getvalue())
 
 
 def holdout_accuracy(
@@ -189,7 +188,12 @@ def holdout_accuracy(
 
 
 def import_state_dict(
-    path: Path, artifacts_dir: Path, holdout_samples: int, seed: int, day: date | None = None, drift: float = 0.0
+    path: Path,
+    artifacts_dir: storage.Location,
+    holdout_samples: int,
+    seed: int,
+    day: date | None = None,
+    drift: float = 0.0,
 ) -> Imported:
     """Register a plain state_dict file as a model version, measured on held-out rows; the champion stays as it is.
 
@@ -198,12 +202,12 @@ def import_state_dict(
     """
     weights = read_state_dict(path)
     source_fingerprint = storage.fingerprint(path)
-    target = imported_checkpoint_path(Path(artifacts_dir).resolve(), source_fingerprint)
+    target = imported_checkpoint_path(storage.resolve(artifacts_dir), source_fingerprint)
     registry = Registry(artifacts_dir)
     # One import of a file at a time, so two at once neither rewrite the checkpoint nor measure it twice.
     with storage.exclusive(target):
         if (known := _imported_version(registry, source_fingerprint)) is not None:
-            if not Path(known.checkpoint).is_file():
+            if not storage.exists(known.checkpoint):
                 _restore_checkpoint(known, weights, source_fingerprint)
             return Imported(known, already_registered=True)
         if not _holds_import(target, source_fingerprint):
@@ -224,15 +228,14 @@ def import_state_dict(
     return Imported(version, already_registered=False)
 
 
-def export_state_dict(checkpoint_path: Path, output: Path) -> None:
+def export_state_dict(checkpoint_path: storage.Location, output: storage.Location) -> None:
     """Write a checkpoint's weights to `output` as a plain state_dict (fc1, fc2 on the CPU), atomically."""
-    if output.is_dir():
+    if not storage.is_remote(output) and Path(output).is_dir():
         raise InputError(f"{output}: is a directory; give a file name such as model.pth")
-    if output.resolve() == checkpoint_path.resolve():
+    if storage.resolve(output) == storage.resolve(checkpoint_path):
         raise InputError(f"{output}: is the checkpoint being exported; choose another file")
     weights = check_state_dict(load_checkpoint(checkpoint_path)["model"], checkpoint_path)
     # Serialised in memory first: torch reports a failed file write as a RuntimeError without its errno.
     buffer = io.BytesIO()
     torch.save(weights, buffer)
-    with storage.atomic_path(output) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
+    storage.write_bytes(output, buffer.getvalue())

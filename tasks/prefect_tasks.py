@@ -9,10 +9,8 @@ cached run never loads it (about 1.2 s of a rerun's few seconds).
 """
 
 import errno
-import shutil
 from dataclasses import asdict, dataclass
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -22,7 +20,7 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
-from featuresum.tasks import cpu, data, monitoring, reports, scoring, storage
+from featuresum.tasks import cpu, data, monitoring, reports, s3, scoring, storage
 from featuresum.tasks.errors import InputError
 from featuresum.tasks.settings import TrainConfig
 
@@ -67,7 +65,9 @@ def is_transient_error(error: BaseException | None) -> bool:
         return False
     if isinstance(error, ConnectionError | TimeoutError):
         return True
-    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
+    if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS:
+        return True
+    return s3.is_transient(error)
 
 
 def is_transient(task: Task, task_run: Any, state: State) -> bool:
@@ -104,7 +104,7 @@ def file_task(**options: Any):
     return task(**{**defaults, **options})
 
 
-def _reuse(path: Path, key: str, refresh: bool) -> dict[str, Any] | None:
+def _reuse(path: storage.Location, key: str, refresh: bool) -> dict[str, Any] | None:
     """The manifest of `path` when an identical run already wrote it (call while holding its lock).
 
     None when asked to refresh: then the file is written again, whatever is on disk.
@@ -120,7 +120,7 @@ def generate_dataset(
     stream: str, rows: int, seed: int, day: str, drift: float, path: str, refresh: bool = False
 ) -> dict[str, Any]:
     """Generate one date's partition of a labelled synthetic dataset and write it to Parquet."""
-    target, key = Path(path), _own_key()
+    target, key = storage.at(path), _own_key()
     with storage.exclusive(target):
         if done := _reuse(target, key, refresh):
             return done
@@ -130,12 +130,12 @@ def generate_dataset(
         # The file is a pure function of its specification, which its path already hashes.
         spec = {"stream": stream, "rows": rows, "seed": seed, "day": day, "drift": drift}
         spec["code"] = storage.code_version()
-        return storage.write_manifest(target, key, content_key=storage.spec_key(spec), rows=written, date=day)
+        return storage.write_manifest(target, key, storage.spec_key(spec), written, rows=written.rows, date=day)
 
 
 def identity_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Cache key of a user's file: its path and identity, so an unchanged file is never hashed twice."""
-    path = Path(parameters["path"])
+    path = storage.at(parameters["path"])
     try:
         current = storage.identity(path)
     except OSError:
@@ -145,10 +145,16 @@ def identity_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 @file_task(task_run_name="fingerprint-{path}", cache_key_fn=identity_key)
 def fingerprint_input(path: str) -> dict[str, Any]:
-    """Hash a user's file, so caching follows its content, not its name; reused while the file is unchanged."""
-    if not Path(path).is_file():
+    """Hash a user's file, so caching follows its content, not its name; reused while the file is unchanged.
+
+    A file that a featuresum task wrote (a checkpoint, a generated batch) is not read again: while
+    it is unchanged, the fingerprint in its manifest holds.
+    """
+    location = storage.at(path)
+    if not storage.exists(location):
         raise InputError(f"{path}: no such file")
-    return {"path": path, "fingerprint": storage.fingerprint(Path(path))}
+    manifest = storage.manifest_of(location)
+    return {"path": path, "fingerprint": manifest["fingerprint"] if manifest else storage.fingerprint(location)}
 
 
 @file_task(task_run_name="train-model-{config[epochs]}epochs-seed{config[seed]}")
@@ -165,7 +171,7 @@ def train_model(
 
     With `init` (a checkpoint's path and fingerprint), training starts from that model's weights.
     """
-    target, key = Path(path), _own_key()
+    target, key = storage.at(path), _own_key()
     with storage.exclusive(target):
         if done := _reuse(target, key, refresh):
             return done
@@ -177,7 +183,7 @@ def _train(
     holdout: dict[str, Any],
     settings: TrainConfig,
     device: str,
-    path: Path,
+    path: storage.Location,
     key: str,
     init: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -190,15 +196,15 @@ def _train(
     target = torch.device(device)
     # Created before the data is read, so the first reading covers that time.
     threads = cpu.ThreadPolicy.for_torch() if target.type == "cpu" else None
-    x, y = (t.to(target) for t in storage.read_dataset([Path(part["path"]) for part in train]))
-    holdout_data = tuple(t.to(target) for t in storage.read_dataset(Path(holdout["path"])))
+    x, y = (t.to(target) for t in storage.read_dataset([storage.at(part["path"]) for part in train]))
+    holdout_data = tuple(t.to(target) for t in storage.read_dataset(storage.at(holdout["path"])))
     steps = -(-len(x) // settings.batch_size)
     state = training.new_training_state(settings, steps, target)
     if init is not None:
-        state.model.load_state_dict(load_checkpoint(Path(init["path"]))["model"])
+        state.model.load_state_dict(load_checkpoint(init["path"])["model"])
         logger.info("Starting from the weights of %s", init["path"])
     partial = storage.partial_checkpoint_path(path)
-    if partial.exists():
+    if storage.exists(partial):
         try:
             training.restore(load_checkpoint(partial), state)
             logger.info("Resuming from %s after epoch %d", partial, state.epoch)
@@ -243,12 +249,13 @@ def _train(
     }
     baseline = monitoring.reference(*monitoring.training_figures(x.cpu().numpy()), confusion.sum(dim=0).tolist())
     extra = {**provenance, "metrics": metrics, "reference": baseline}
-    save_checkpoint(path, training.to_checkpoint(state, settings, extra))
-    partial.unlink(missing_ok=True)
+    written = save_checkpoint(path, training.to_checkpoint(state, settings, extra))
+    storage.remove(partial)
     reports.publish_training(state.history, metrics, confusion, str(path))
     return storage.write_manifest(
         path,
         key,
+        written=written,
         metrics=metrics,
         start_epoch=start_epoch,
         epochs_completed=state.epoch,
@@ -269,7 +276,7 @@ def score_shard(
     refresh: bool = False,
 ) -> dict[str, Any]:
     """Score some row groups of a feature file in streamed batches; write their predictions to Parquet."""
-    target, key = Path(path), _own_key()
+    target, key = storage.at(path), _own_key()
     with storage.exclusive(target):
         if done := _reuse(target, key, refresh):
             return done
@@ -278,19 +285,18 @@ def score_shard(
         from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint
 
         where = torch.device(device)
-        classifier = model_from_checkpoint(load_checkpoint(Path(model["path"])), where)
+        classifier = model_from_checkpoint(load_checkpoint(model["path"]), where)
         summary = scoring.ScoreSummary()
-        batches = storage.iter_feature_batches(Path(features["path"]), row_groups=row_groups)
-        storage.write_parquet(
-            target, storage.PREDICTIONS_SCHEMA, scoring.score_batches(classifier, batches, where, summary)
-        )
+        batches = storage.iter_feature_batches(storage.at(features["path"]), row_groups=row_groups)
+        predictions = scoring.score_batches(classifier, batches, where, summary)
+        written = storage.write_parquet(target, storage.PREDICTIONS_SCHEMA, predictions)
         get_run_logger().info("Scored %d rows (row groups %s) into %s", summary.rows, row_groups, path)
-        return storage.write_manifest(target, key, **asdict(summary))
+        return storage.write_manifest(target, key, written=written, **asdict(summary))
 
 
-def _remove_parts(path: Path) -> None:
+def _remove_parts(path: storage.Location) -> None:
     """Delete the shard folder once the predictions file is complete (shards of older layouts included)."""
-    shutil.rmtree(storage.parts_dir(path), ignore_errors=True)
+    storage.remove_tree(storage.parts_dir(path))
 
 
 @file_task(task_run_name="write-predictions")
@@ -303,7 +309,7 @@ def write_predictions(
     refresh: bool = False,
 ) -> dict[str, Any]:
     """Concatenate scored shards, in order, into the predictions Parquet file (keyed by what they score)."""
-    target, key = Path(path), _own_key()
+    target, key = storage.at(path), _own_key()
     with storage.exclusive(target):
         if done := _reuse(target, key, refresh):
             _remove_parts(target)
@@ -314,13 +320,14 @@ def write_predictions(
         for shard in shards:
             summary.add(shard["rows"], shard["labelled"], shard["correct"], shard["class_counts"])
         batches = storage.iter_parquet_batches(shard["path"] for shard in shards)
-        rows = storage.write_parquet(target, storage.PREDICTIONS_SCHEMA, batches)
+        written = storage.write_parquet(target, storage.PREDICTIONS_SCHEMA, batches)
         get_run_logger().info(
-            "Wrote %d predictions to %s (accuracy on labelled rows: %s)", rows, path, summary.accuracy
+            "Wrote %d predictions to %s (accuracy on labelled rows: %s)", written.rows, path, summary.accuracy
         )
         reports.publish_predictions(summary, path)
+        accuracy, counts = summary.accuracy, summary.class_counts
         manifest = storage.write_manifest(
-            target, key, rows=rows, score_accuracy=summary.accuracy, class_counts=summary.class_counts
+            target, key, written=written, rows=written.rows, score_accuracy=accuracy, class_counts=counts
         )
         _remove_parts(target)
         return manifest
@@ -335,8 +342,8 @@ def evaluate_model(model: dict[str, Any], holdout: dict[str, Any], device: str) 
     from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint
 
     target = torch.device(device)
-    classifier = model_from_checkpoint(load_checkpoint(Path(model["path"])), target)
-    x, y = (t.to(target) for t in storage.read_dataset(Path(holdout["path"])))
+    classifier = model_from_checkpoint(load_checkpoint(model["path"]), target)
+    x, y = (t.to(target) for t in storage.read_dataset(storage.at(holdout["path"])))
     return {"accuracy": training.accuracy(training.evaluate(classifier, x, y)), "rows": len(y)}
 
 
@@ -362,8 +369,8 @@ def monitor_batch(
     `scored_by` is the flow that scored the batch: "pipeline" (which trained a challenger for the
     date first) or "score". The drift event of a batch is sent until it is sent once.
     """
-    folder = Path(artifacts_dir)
-    figures = monitoring.batch_figures(Path(predictions["path"]), _reference(model))
+    folder = storage.at(artifacts_dir)
+    figures = monitoring.batch_figures(storage.at(predictions["path"]), _reference(model))
     psis = (figures["feature_sum_psi"], figures["predicted_class_psi"])
     row = {
         "run_date": run_date,
@@ -389,12 +396,12 @@ def monitor_batch(
 
 def _reference(model: dict[str, Any]) -> dict[str, Any] | None:
     """The model's reference for drift: from its manifest when training wrote one, else from the checkpoint."""
-    manifest = storage.manifest_of(Path(model["path"]), model["fingerprint"])
+    manifest = storage.manifest_of(storage.at(model["path"]), model["fingerprint"])
     if manifest is not None and "reference" in manifest:
         return manifest["reference"]
     from featuresum.tasks.checkpoint import load_checkpoint
 
-    return load_checkpoint(Path(model["path"])).get("reference")
+    return load_checkpoint(model["path"]).get("reference")
 
 
 def _psi(value: float | None) -> str:
@@ -419,7 +426,7 @@ def _log_drift(row: dict[str, Any]) -> None:
         )
 
 
-def _emit_drift(row: dict[str, Any], artifacts_dir: Path, scored_by: str) -> bool:
+def _emit_drift(row: dict[str, Any], artifacts_dir: storage.Location, scored_by: str) -> bool:
     """Tell Prefect's event system (automations, deployment triggers) that a batch drifted; whether it was sent."""
     from prefect.events import emit_event
 
@@ -430,7 +437,7 @@ def _emit_drift(row: dict[str, Any], artifacts_dir: Path, scored_by: str) -> boo
         resource={
             "prefect.resource.id": f"featuresum.model.{version if version is not None else row['model_fingerprint']}",
             "prefect.resource.name": name,
-            "featuresum.artifacts-dir": str(artifacts_dir.resolve()),
+            "featuresum.artifacts-dir": str(storage.resolve(artifacts_dir)),
             "featuresum.scored-by": scored_by,
         },
         payload={

@@ -3,18 +3,25 @@
 It is one SQLite file in the artifacts folder, `registry.sqlite`, shared by every run and command that uses
 that folder, possibly from several processes at once. Each change is one `BEGIN IMMEDIATE` transaction, so
 writers queue on SQLite's lock (up to a minute) instead of reading a value another writer is about to change.
+On object storage the file is an object: a change is made to a downloaded copy and written back with a
+conditional PUT, and a writer that lost the race to another redoes its change on the new copy.
 Alias moves are never forgotten: each one is a row in the alias history, which is what a rollback reads.
 """
 
 import json
 import sqlite3
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
+from featuresum.tasks import storage
 from featuresum.tasks.errors import InputError
+
+T = TypeVar("T")
 
 REGISTRY_FILE = "registry.sqlite"
 # Stamped in the file's header so a SQLite file of another program is refused rather than written to.
@@ -171,18 +178,18 @@ def _span(numbers: list[int]) -> str:
 class Registry:
     """The registry of one artifacts folder; opens its file per call, so one instance is safe to share."""
 
-    def __init__(self, artifacts_dir: str | Path):
-        self._path = Path(artifacts_dir) / REGISTRY_FILE
+    def __init__(self, artifacts_dir: storage.Location):
+        self._path = storage.join(storage.at(artifacts_dir), REGISTRY_FILE)
 
     @property
-    def path(self) -> Path:
+    def path(self) -> storage.Location:
         """The registry file (it may not exist yet)."""
         return self._path
 
     @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def _connection(self, database: Path) -> Iterator[sqlite3.Connection]:
         try:
-            with closing(sqlite3.connect(self._path, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)) as conn:
+            with closing(sqlite3.connect(database, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)) as conn:
                 conn.row_factory = sqlite3.Row
                 yield conn
         except sqlite3.DatabaseError as exc:
@@ -207,11 +214,33 @@ class Registry:
             raise InputError(f"{self._path}: not a featuresum registry (application id {application_id:#x}, {found})")
         return False
 
+    def _write(self, change: Callable[[sqlite3.Connection], T]) -> T:
+        """Make a change in one write transaction and return what `change` returns.
+
+        On object storage `change` runs on a downloaded copy, and again on a fresh copy whenever
+        another writer changed the registry first (storage.update's conditional write).
+        """
+        if not storage.is_remote(self._path):
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            with self._transaction(self._path) as conn:
+                return change(conn)
+        results: list[T] = []
+
+        def on_copy(content: bytes | None) -> bytes:
+            with tempfile.TemporaryDirectory() as folder:
+                database = Path(folder) / REGISTRY_FILE
+                database.write_bytes(content or b"")
+                with self._transaction(database) as conn:
+                    results.append(change(conn))
+                return database.read_bytes()
+
+        storage.update(self._path, on_copy)
+        return results[-1]
+
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, database: Path) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: the write lock is taken before the first read, so no read goes stale."""
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connection() as conn:
+        with self._connection(database) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if not self._has_schema(conn):
@@ -230,10 +259,27 @@ class Registry:
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection | None]:
         """One read transaction (a consistent view), or None when there is nothing yet; never creates the file."""
-        if not self._path.exists():
+        if not storage.is_remote(self._path):
+            if not self._path.exists():
+                yield None
+                return
+            with self._snapshot(self._path) as conn:
+                yield conn
+            return
+        try:
+            content = storage.read_bytes(self._path)
+        except FileNotFoundError:
             yield None
             return
-        with self._connection() as conn:
+        with tempfile.TemporaryDirectory() as folder:
+            database = Path(folder) / REGISTRY_FILE
+            database.write_bytes(content)
+            with self._snapshot(database) as conn:
+                yield conn
+
+    @contextmanager
+    def _snapshot(self, database: Path) -> Iterator[sqlite3.Connection | None]:
+        with self._connection(database) as conn:
             conn.execute("BEGIN")
             try:
                 yield conn if self._has_schema(conn) else None
@@ -252,7 +298,8 @@ class Registry:
         flow_run_id: str | None = None,
     ) -> Version:
         """Add a model as the next version; a fingerprint already registered returns its version unchanged."""
-        with self._write() as conn:
+
+        def add(conn: sqlite3.Connection) -> Version:
             existing = _select_version(conn, "fingerprint", fingerprint)
             if existing is not None:
                 return existing
@@ -271,6 +318,8 @@ class Registry:
                 ),
             )
             return _select_version(conn, "fingerprint", fingerprint)
+
+        return self._write(add)
 
     def versions(self) -> list[Version]:
         """Every registered version, oldest first; [] when there is no registry file."""
@@ -315,15 +364,18 @@ class Registry:
         With `expected` (a version number, or None for "not set yet") this is a compare-and-set: the alias
         moves only if it points at `expected` now, and None is returned otherwise.
         """
-        if not self._path.exists():  # fail before the write below would create an empty registry
+        if not storage.exists(self._path):  # fail before the write below would create an empty registry
             raise InputError(f"no model version {version} in {self._path}")
-        with self._write() as conn:
+
+        def move(conn: sqlite3.Connection) -> AliasChange | None:
             if _select_version(conn, "version", version) is None:
                 raise InputError(f"no model version {version} in {self._path}")
             current = _alias_target(conn, name)
             if (expected is not ANY and current != expected) or current == version:
                 return None
             return _move_alias(conn, name, version, current, reason, flow_run_id)
+
+        return self._write(move)
 
     def history(self, name: str = "champion") -> list[AliasChange]:
         """Every move of an alias, oldest first."""
@@ -338,15 +390,18 @@ class Registry:
     ) -> AliasChange:
         """Point an alias back at the version it pointed at before its latest move, and record that move."""
         nothing_earlier = InputError(f"{self._path}: '{name}' has no earlier {name} to roll back to")
-        if not self._path.exists():
+        if not storage.exists(self._path):
             raise nothing_earlier
-        with self._write() as conn:
+
+        def back(conn: sqlite3.Connection) -> AliasChange:
             latest = conn.execute(
                 "SELECT * FROM alias_history WHERE alias = ? ORDER BY id DESC LIMIT 1", (name,)
             ).fetchone()
             if latest is None or latest["previous"] is None:
                 raise nothing_earlier
             return _move_alias(conn, name, latest["previous"], latest["version"], reason, flow_run_id)
+
+        return self._write(back)
 
     def resolve(self, reference: str) -> Version:
         """A version by alias (`champion`) or by number ("3"); InputError saying what exists otherwise."""

@@ -56,7 +56,7 @@ def test_streams_and_seeds_differ():
 
 def write(path, seed, rows=1500):
     batches = map(storage.shard_to_batch, data.generate_dataset(seed, "train", rows))
-    return storage.write_parquet(path, storage.DATASET_SCHEMA, batches)
+    return storage.write_parquet(path, storage.DATASET_SCHEMA, batches).rows
 
 
 def test_same_seed_gives_identical_parquet_bytes(tmp_path):

@@ -1,6 +1,7 @@
 """The featuresum flows: train, score, and the whole pipeline that chains them."""
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from featuresum.tasks.prefect_tasks import (
     fingerprint_input,
     generate_dataset,
     monitor_batch,
+    result_storage,
     score_shard,
     task_key,
     train_model,
@@ -35,6 +37,8 @@ Init = Literal["scratch", "champion"]
 TASK_RUNS: dict[str, dict[str, str]] = {}
 # In-process shards run one at a time: torch already uses every core, and memory stays bounded.
 IN_PROCESS = ThreadPoolTaskRunner(max_workers=1)
+# The result storage of the current flow run's tasks, when its artifacts are on object storage.
+RESULTS: ContextVar[Any] = ContextVar("featuresum_results", default=None)
 
 
 def _task_runs() -> dict[str, str]:
@@ -42,9 +46,19 @@ def _task_runs() -> dict[str, str]:
     return TASK_RUNS.setdefault(str(flow_run.id), {})
 
 
+def _stored(task: Task) -> Task:
+    """The task, keeping its results where the run's artifacts are when they are on object storage.
+
+    Set on each task rather than on the flow, so tasks on Dask workers, which share no disk with the
+    flow, read and write the same cache records as every other machine.
+    """
+    results = RESULTS.get()
+    return task if results is None else task.with_options(result_storage=results)
+
+
 def _call(task: Task, states: dict[str, str], **parameters: Any) -> dict:
     """Run a task, note its task run and final state, and return its result (raising if it failed)."""
-    state = task(**parameters, return_state=True)
+    state = _stored(task)(**parameters, return_state=True)
     states[str(state.state_details.task_run_id)] = state.name
     return state.result()
 
@@ -58,7 +72,7 @@ def _cached(task: Task, path: storage.Location, refresh: bool, **parameters: Any
     """
     parameters = {**parameters, "path": str(path), "refresh": refresh}
     fresh = storage.is_intact(path, task_key(task.name, parameters))
-    return task.with_options(refresh_cache=refresh or not fresh), parameters
+    return _stored(task).with_options(refresh_cache=refresh or not fresh), parameters
 
 
 def _run_cached(task: Task, path: storage.Location, refresh: bool, states: dict[str, str], **parameters: Any) -> dict:
@@ -372,11 +386,12 @@ def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:
             raise InputError(f"{output}: the output would overwrite an input of this run; choose another --output")
 
 
-def _begin(run_date: str | None, *folders: str) -> date:
-    """What every flow does first: find its date, tag the run with it, sweep leftovers of killed runs."""
+def _begin(run_date: str | None, data_dir: str, artifacts_dir: str) -> date:
+    """What every flow does first: find its date, tag the run with it, sweep leftovers, place task results."""
+    RESULTS.set(result_storage(artifacts_dir))
     day = run_day(run_date)
     _tag_date(day)
-    _sweep(*folders)
+    _sweep(data_dir, artifacts_dir)
     return day
 
 

@@ -335,7 +335,8 @@ def score_shard(
         batches = storage.iter_feature_batches(storage.at(features["path"]), row_groups=row_groups)
         predictions = scoring.score_batches(classifier, batches, where, summary)
         written = storage.write_parquet(target, storage.PREDICTIONS_SCHEMA, predictions)
-        get_run_logger().info("Scored %d rows (row groups %s) into %s", summary.rows, row_groups, path)
+        logger = get_run_logger()
+        logger.info("Scored %d rows of %s (row groups %s) into %s", summary.rows, features["path"], row_groups, path)
         return storage.write_manifest(target, key, written=written, **asdict(summary))
 
 

@@ -16,7 +16,7 @@ from featuresum.tasks.checkpoint import save_checkpoint
 
 runtime.quiet_defaults()
 # Fixtures that start a Prefect API: a test that uses one belongs to the server tier.
-SERVER_FIXTURES = {"harness", "prefect", "cli_home", "cli"}
+SERVER_FIXTURES = {"harness", "prefect", "cli_home", "cli", "object_store"}
 
 
 def pytest_collection_modifyitems(items):
@@ -97,6 +97,15 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_checkpoint(path, training.to_checkpoint(state, config, {"metrics": {}}))
     return path
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """A real S3 API (moto's server) on loopback, with AWS_* settings that reach it; stopped after the session."""
+    from object_store import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as store:
+        yield store
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from benchmarks import (
     cli_scoring,
     contention,
     monitoring,
+    object_storage,
     retraining,
     scaling,
     sharded,
@@ -46,6 +47,7 @@ ALL = (
     "cli-scoring",
     "retraining",
     "monitoring",
+    "object-storage",
 )
 # Quick mode leaves out the figures that run whole `featuresum` commands against a local server
 # (its first start alone takes 10-30 s); name them with --only to include them.
@@ -95,6 +97,7 @@ def run_suite(selected: tuple[str, ...], quick: bool, workdir: Path) -> list[Fig
         "cli-scoring": lambda: cli_scoring.cli_scoring(sizes, cli),
         "retraining": lambda: retraining.retraining(sizes, cli),
         "monitoring": lambda: monitoring.monitoring(sizes, cli),
+        "object-storage": lambda: object_storage.object_storage(sizes, workdir),
     }
     try:
         for name in ALL:

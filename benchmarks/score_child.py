@@ -8,7 +8,6 @@ the model class and the data rule's constants.
 import argparse
 import json
 import time
-from pathlib import Path
 
 from benchmarks import bare
 from benchmarks.measure import peak_rss_mib
@@ -17,9 +16,10 @@ from benchmarks.measure import peak_rss_mib
 def main() -> None:
     """Score --input with --model into --output (pipeline path, --bare or --bare-stream), or --idle."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--input", type=Path)
-    parser.add_argument("--output", type=Path)
+    # Paths or s3:// URIs: strings, since a Path would fold the URI's "//".
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--input")
+    parser.add_argument("--output")
     scorer = parser.add_mutually_exclusive_group()
     scorer.add_argument("--idle", action="store_true", help="load the checkpoint, score nothing")
     scorer.add_argument("--bare", action="store_true", help="score with the bare baseline (whole file in memory)")

@@ -31,6 +31,9 @@ class Sizes:
     sharded_shard_rows: int | None
     # Rows of the feature file that `featuresum score` and the bare scorers score in figure 9.
     cli_scoring_rows: int
+    # Rows scored from and to object storage against local disk (figure 14), and those of its peak-RSS run.
+    object_storage_rows: int
+    object_storage_rss_rows: int
 
 
 TINY = (("train_samples", 2000), ("holdout_samples", 500), ("score_samples", 500), ("epochs", 1))
@@ -71,6 +74,8 @@ FULL = Sizes(
     sharded_rows=1_000_000,
     sharded_shard_rows=None,
     cli_scoring_rows=1_000_000,
+    object_storage_rows=200_000,
+    object_storage_rss_rows=2_000_000,
 )
 
 QUICK = Sizes(
@@ -92,4 +97,6 @@ QUICK = Sizes(
     sharded_rows=40_000,
     sharded_shard_rows=32_768,
     cli_scoring_rows=40_000,
+    object_storage_rows=5_000,
+    object_storage_rss_rows=40_000,
 )

@@ -43,6 +43,9 @@ ARROW_USER_ERRORS = {
     "INVALID_ACCESS_KEY_ID": USER_CODES["InvalidAccessKeyId"],
     "SIGNATURE_DOES_NOT_MATCH": USER_CODES["SignatureDoesNotMatch"],
 }
+CONNECT_TIMEOUT_SECONDS = 10.0
+# A server-side copy or the completion of a multipart upload of gigabytes can take minutes.
+REQUEST_TIMEOUT_SECONDS = 300.0
 SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
@@ -80,8 +83,15 @@ def _settings() -> tuple[str | None, ...]:
 def _filesystem(settings: tuple[str | None, ...]) -> pyarrow.fs.S3FileSystem:
     from pyarrow import fs
 
-    endpoint = settings[0]
-    return fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=False, allow_bucket_deletion=False)
+    # The SDK's 3-s request timeout is shorter than a store may take to assemble a multipart upload of
+    # gigabytes; a retried CompleteMultipartUpload then fails although the first one succeeded.
+    return fs.S3FileSystem(
+        endpoint_override=settings[0],
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        request_timeout=REQUEST_TIMEOUT_SECONDS,
+        allow_bucket_creation=False,
+        allow_bucket_deletion=False,
+    )
 
 
 def filesystem() -> pyarrow.fs.S3FileSystem:
@@ -97,7 +107,11 @@ def _client(settings: tuple[str | None, ...]) -> Any:
     except ImportError:
         raise InputError("s3:// locations need boto3: pip install 'featuresum[s3]'") from None
     # Standard retries: throttling and connection errors only, with backoff; a 403 or 404 fails at once.
-    config = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=10, read_timeout=60)
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 4},
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        read_timeout=REQUEST_TIMEOUT_SECONDS,
+    )
     return boto3.session.Session().client("s3", config=config)
 
 

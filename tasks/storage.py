@@ -57,6 +57,8 @@ PREDICTIONS_SCHEMA = pa.schema(
 # Temporary files older than this whose writer is gone are leftovers of a killed run.
 LEFTOVER_AGE_SECONDS = 3600.0
 LEFTOVER_NAME = re.compile(r"\..+\.(?P<pid>\d+)-[0-9a-f]{32}\.tmp")
+# How much of an object one ranged GET reads while it is fingerprinted.
+REMOTE_READ_BYTES = 64 * 2**20
 PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
@@ -154,11 +156,12 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary name beside `path`; on success it is synced and renamed into place.
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary name beside the local `path`; on success it is synced and renamed into place.
 
     The temporary name carries the writer's pid, so `sweep_leftovers` never removes a live writer's file.
     """
+    path = Path(path)
     tmp = path.with_name(_temporary_name(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +252,7 @@ def write_bytes(location: Location, data: bytes) -> Written:
     digest = hashlib.sha256(data).hexdigest()
     if is_remote(location):
         return Written({"bytes": len(data), "etag": s3.put(location, data)}, digest)
-    with atomic_path(Path(location)) as tmp:
+    with atomic_path(location) as tmp:
         tmp.write_bytes(data)
     return Written(identity(location), digest)
 
@@ -306,8 +309,12 @@ def remove_tree(location: Location) -> None:
 def fingerprint(path: Location) -> str:
     """SHA-256 digest of a file's content (hardware-accelerated on current CPUs: about 1.7 GB/s here)."""
     if is_remote(path):
+        digest = hashlib.sha256()
+        # Each read is one ranged GET: large ones, so a big object costs few requests.
         with _arrow_errors(path), s3.filesystem().open_input_stream(s3.path(path)) as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            while chunk := f.read(REMOTE_READ_BYTES):
+                digest.update(chunk)
+        return digest.hexdigest()
     with Path(path).open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -528,7 +535,7 @@ def iter_feature_batches(
     first = row_groups[0] if row_groups else 0
     start = sum(metadata.row_group(i).num_rows for i in range(first))
     try:
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups):
+        for batch in _batches(path, parquet, batch_rows, columns, row_groups):
             features = np.stack([batch.column(i).to_numpy(zero_copy_only=False) for i in range(NUM_FEATURES)]).astype(
                 np.float32, copy=False
             )
@@ -543,6 +550,23 @@ def iter_feature_batches(
             yield sample_id, features, label
     except (pa.ArrowException, OSError) as error:
         raise InputError(f"{path}: unreadable Parquet data ({error})") from None
+
+
+def _batches(
+    path: Location, parquet: pq.ParquetFile, batch_rows: int, columns: list[str], row_groups: list[int] | None
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of some columns and row groups of a Parquet file, with memory bounded by a row group.
+
+    On object storage every column chunk read alone is a request of its own, 784 per row group; so each
+    row group is read through a reader of its own that pre-buffers it, in a few large ranged GETs, and
+    is dropped with its buffers before the next (one reader for all would keep every buffer it read).
+    """
+    if not is_remote(path):
+        yield from parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups)
+        return
+    for index in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
+        one = pq.ParquetFile(open_input(path), metadata=parquet.metadata, pre_buffer=True)
+        yield from one.iter_batches(batch_size=batch_rows, columns=columns, row_groups=[index])
 
 
 def row_group_shards(path: Location, shard_rows: int) -> list[list[int]]:

@@ -158,13 +158,18 @@ def test_concurrent_writers_lose_no_registry_or_history_update(on_store):
     assert len(monitoring.read_history(artifacts)) == 24
 
 
-def test_dask_workers_with_nothing_but_the_bucket_score_a_million_rows(on_store, cli, checkpoint, tmp_path):
+# moto answers a ranged GET by reading the whole object first, so a request to a 3.1 GB object of a million rows
+# takes seconds: 200,000 rows (630 MB, 7 row groups) keep the test in CI's time; real stores read the range alone.
+DASK_ROWS = 200_000
+
+
+def test_dask_workers_with_nothing_but_the_bucket_score_in_shards(on_store, cli, checkpoint, tmp_path):
     bucket = on_store.bucket("dask")
     model, rows = f"{bucket}/models/model.pt", f"{bucket}/in/rows.parquet"
     storage.write_bytes(model, checkpoint.read_bytes())
-    shards = (storage.shard_to_batch(shard) for shard in data.generate_dataset(5, "score", 1_000_000))
+    shards = (storage.shard_to_batch(shard) for shard in data.generate_dataset(5, "score", DASK_ROWS))
     storage.write_parquet(rows, storage.DATASET_SCHEMA, shards)
-    common = ["--model", model, "--input", rows, "--shard-rows", "250000", "--artifacts-dir", f"{bucket}/artifacts"]
+    common = ["--model", model, "--input", rows, "--shard-rows", "65536", "--artifacts-dir", f"{bucket}/artifacts"]
     default = run_json(cli("score", *common, "--output", f"{bucket}/out/default.parquet", "--json"))
 
     # A scheduler and two workers, each with its own working directory, HOME and TMPDIR: no disk in common.
@@ -199,7 +204,7 @@ def test_dask_workers_with_nothing_but_the_bucket_score_a_million_rows(on_store,
         f"score-shard-{index}" for index in range(4)
     ]
     expected, actual = read(default["predictions"]), read(on_dask["predictions"])
-    assert expected.num_rows == 1_000_000
+    assert expected.num_rows == DASK_ROWS
     assert actual.drop(["confidence"]).equals(expected.drop(["confidence"]))
     np.testing.assert_allclose(actual.column("confidence"), expected.column("confidence"), rtol=1e-5)
     # Each worker scored shards, reading the rows from the bucket and writing its shards back to it.

@@ -75,7 +75,7 @@ FULL = Sizes(
     sharded_shard_rows=None,
     cli_scoring_rows=1_000_000,
     object_storage_rows=200_000,
-    object_storage_rss_rows=2_000_000,
+    object_storage_rss_rows=1_000_000,
 )
 
 QUICK = Sizes(

@@ -90,7 +90,7 @@ def _registered(reference: str | int | Path, registry: Registry) -> Version | No
         raise InputError(f"expected a checkpoint path, a version number or `champion`, got {reference!r}")
     if isinstance(reference, int):
         return registry.resolve(str(reference))
-    if isinstance(reference, Path) or Path(reference).exists():
+    if isinstance(reference, Path) or storage.is_remote(reference) or Path(reference).exists():
         return None
     text = reference.strip()
     # Anything that looks like a file name is one; a bare word is an alias such as `champion`.
@@ -103,7 +103,7 @@ def load_model(reference: str | int | Path, artifacts_dir: str | Path = "artifac
     """A model by checkpoint path, version number (3 or "3") or alias ("champion") of the registry in artifacts_dir."""
     registry = Registry(artifacts_dir)
     version = _registered(reference, registry)
-    path = Path(version.checkpoint if version else reference)
+    path = storage.at(version.checkpoint if version else reference)
     checkpoint = load_checkpoint(path)
     if version is None:
         version = registry.find(storage.fingerprint(path))

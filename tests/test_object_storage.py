@@ -1,5 +1,6 @@
 """featuresum on S3-compatible object storage: moto's S3 server on loopback, the installed command, real objects."""
 
+import json
 import multiprocessing
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ from conftest import SMALL, run_json
 from prefect_servers import BIN, clean_environment, free_port, stop_process_group
 from test_cli import one_error_line
 
+import featuresum
 from featuresum.flows import runtime
 from featuresum.tasks import data, monitoring, storage
 from featuresum.tasks.registry import Registry
@@ -77,6 +79,24 @@ def test_run_on_object_storage_is_cached_everywhere_and_recomputes_what_changed(
     versions = run_json(cli("models", "list", "--artifacts-dir", f"{bucket}/artifacts", "--json"))
     assert [version["version"] for version in versions] == [1]
     assert versions[0]["checkpoint"] == first["checkpoint"] and versions[0]["aliases"] == ["champion"]
+    champion = featuresum.load_model("champion", artifacts_dir=f"{bucket}/artifacts")
+    assert champion.version == 1 and champion.checkpoint == first["checkpoint"]
+
+
+def test_train_and_backfill_with_the_registry_on_the_store(on_store, cli):
+    artifacts = f"{on_store.bucket('dated')}/artifacts"
+    folders = ["--data-dir", "s3://dated/data", "--artifacts-dir", artifacts]
+    sizes = ["--train-samples", "3000", "--holdout-samples", "800", "--epochs", "1"]
+    tiny = [*sizes, "--score-samples", "300"]
+    trained = run_json(cli("train", *sizes, "--date", "2026-04-01", *folders, "--json"))
+    assert trained["checkpoint"].startswith(f"{artifacts}/model-") and trained["model_version"] == 1
+    result = cli("backfill", "--from", "2026-04-01", "--to", "2026-04-02", *tiny, *folders, "--json")
+    backfilled = json.loads(result.stdout)
+    assert [run["state"] for run in backfilled["runs"]] == ["Completed", "Completed"]
+    # The first date's challenger is the model `train` registered: the same version, found by its fingerprint.
+    assert [run["model_version"] for run in backfilled["runs"]] == [1, 2]
+    assert [row["run_date"] for row in monitoring.read_history(artifacts)] == ["2026-04-01", "2026-04-02"]
+    assert backfilled["champion_version"] == Registry(artifacts).alias().version
 
 
 def features_file(path, rows: int, seed: int, row_group_rows: int) -> None:

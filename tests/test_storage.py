@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -178,3 +179,22 @@ def test_bad_input_and_ordinary_errors_are_not_retried():
     assert not is_transient_error(ValueError("bug"))
     assert is_transient_error(TimeoutError())
     assert is_transient_error(ConnectionResetError())
+
+
+def test_s3_locations_are_parsed_checked_and_joined_without_a_store():
+    uri = storage.at("s3://bucket-1/data//train/")
+    assert uri == "s3://bucket-1/data/train"
+    assert (
+        storage.join(uri, "date=2026-01-01", "part-0.parquet")
+        == "s3://bucket-1/data/train/date=2026-01-01/part-0.parquet"
+    )
+    assert storage.parent("s3://bucket-1/data/model.pt") == "s3://bucket-1/data"
+    assert storage.parent("s3://bucket-1/model.pt") == "s3://bucket-1"
+    assert storage.manifest_path("s3://bucket-1/a/model.pt") == "s3://bucket-1/a/.model.pt.json"
+    assert storage.partial_checkpoint_path("s3://bucket-1/a/model-1.pt") == "s3://bucket-1/a/model-1.partial.pt"
+    assert storage.resolve("s3://bucket-1/x/") == "s3://bucket-1/x"
+    assert storage.resolve("relative") == Path("relative").resolve()
+    assert not storage.is_remote(Path("s3://bucket-1/x"))  # a Path is always local
+    for bad in ("s3://", "s3:///key", "s3://Upper_Case/key", "s3://ab/key", "s3://bucket-1/a/../b"):
+        with pytest.raises(InputError, match="S3"):
+            storage.at(bad)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from featuresum.tasks.errors import EnvironmentFailure, InputError
+from featuresum.tasks.errors import InputError
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -127,8 +127,8 @@ def path(uri: str) -> str:
 
 @contextmanager
 def errors(uri: str) -> Iterator[None]:
-    """Turn the store's answers into featuresum's errors: the user's (InputError) or the store's being down."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    """Turn the store's answers that the user fixes (a bucket, a key, credentials) into InputErrors."""
+    from botocore.exceptions import ClientError, NoCredentialsError
 
     try:
         yield
@@ -139,8 +139,7 @@ def errors(uri: str) -> Iterator[None]:
         raise
     except NoCredentialsError:
         raise InputError(f"{uri}: no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
-    except EndpointConnectionError as error:
-        raise EnvironmentFailure(f"{uri}: cannot reach the object store ({error})") from None
+    # Connection errors pass as they are: the tasks retry them (is_transient), the CLI reports them in a line.
 
 
 def arrow_error(uri: str, error: OSError) -> Exception | None:

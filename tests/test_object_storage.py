@@ -232,3 +232,13 @@ def test_dask_workers_with_nothing_but_the_bucket_score_in_shards(on_store, cli,
         lines = [line for line in log.read_text().splitlines() if "Scored" in line]
         assert lines and all(f"of {rows} " in line and f"into {bucket}/out/" in line for line in lines), lines
     assert not list(tmp_path.glob("worker-*/**/*.parquet"))
+
+
+def test_an_unreachable_store_ends_in_one_line_with_exit_code_1(tmp_path):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = clean_environment(
+        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_DEFAULT_REGION="us-east-1"
+    )
+    command = [str(BIN / "featuresum"), "run", "--data-dir", "s3://bucket-1/data"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    one_error_line(result, "the object store failed", endpoint, code=1)

@@ -520,8 +520,9 @@ def score(
 
     if (input is None) == (samples is None):
         raise typer.BadParameter("give exactly one of --input PARQUET or --samples N")
-    locations = [storage.at(given) for given in (model, input, output, data_dir, artifacts_dir) if given]
-    prepare_folders(*{storage.parent(given) for given in locations if storage.is_remote(given)})
+    # Buckets of the inputs first, so a wrong bucket or credentials is said before a file is read;
+    # the folders this run writes to are prepared below, once the options are known to be sound.
+    prepare_folders(*{storage.parent(given) for given in (model, input) if given and storage.is_remote(given)})
     if (model == "champion" or model.isdigit()) and not storage.exists(model):
         model = str(Registry(artifacts_dir).resolve(model).checkpoint)
     for given in filter(None, (input, model)):

@@ -72,7 +72,7 @@ def _cached(task: Task, path: storage.Location, refresh: bool, **parameters: Any
     """
     parameters = {**parameters, "path": str(path), "refresh": refresh}
     fresh = storage.is_intact(path, task_key(task.name, parameters))
-    return _stored(task).with_options(refresh_cache=refresh or not fresh), parameters
+    return task.with_options(refresh_cache=refresh or not fresh), parameters
 
 
 def _run_cached(task: Task, path: storage.Location, refresh: bool, states: dict[str, str], **parameters: Any) -> dict:
@@ -174,7 +174,7 @@ def _score_shards(scored: dict, path: storage.Location, shard_rows: int, refresh
         shard = {**scored, "row_groups": row_groups, "index": index}
         part = storage.part_path(path, index, {**shard, "code": storage.code_version()})
         task, parameters = _cached(score_shard, part, refresh, **shard)
-        futures.append(task.submit(**parameters))
+        futures.append(_stored(task).submit(**parameters))
     shards = []
     for future in futures:
         future.wait()

@@ -223,6 +223,7 @@ def exclusive(path: Location) -> Iterator[None]:
     if is_remote(path):
         yield
         return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.with_name(f".{path.name}.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -271,7 +272,7 @@ def update(location: Location, change: Callable[[bytes | None], bytes]) -> None:
     lost the race reads again and redoes its change: nothing to unlock if a run is killed midway.
     """
     if not is_remote(location):
-        with exclusive(Path(location)):
+        with exclusive(location):
             try:
                 old = read_bytes(location)
             except FileNotFoundError:
@@ -402,25 +403,28 @@ def write_parquet(path: Location, schema: pa.Schema, batches: Iterable[pa.Record
     short leaves at most a temporary object, never a part of a file under the final key.
     """
     if not is_remote(path):
-        rows = 0
         with atomic_path(path) as tmp:
-            with pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer:
-                for batch in batches:
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
+            rows = _write_batches(tmp, schema, batches)
         return Written(identity(path), rows=rows)
     tmp = sibling(path, _temporary_name(path))
     sink = _HashingSink()
     try:
         with _arrow_errors(path), s3.filesystem().open_output_stream(s3.path(tmp)) as sink.stream:
-            with pq.ParquetWriter(sink, schema, **PARQUET_OPTIONS) as writer:
-                for batch in batches:
-                    writer.write_batch(batch)
-                    sink.rows += batch.num_rows
+            rows = _write_batches(sink, schema, batches)
         etag = s3.copy(tmp, path)
     finally:
         s3.delete(tmp)
-    return Written({"bytes": sink.size, "etag": etag}, sink.digest.hexdigest(), sink.rows)
+    return Written({"bytes": sink.size, "etag": etag}, sink.digest.hexdigest(), rows)
+
+
+def _write_batches(sink: Any, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
+    """Write record batches as one Parquet file into `sink` (a path or a writable file); returns the row count."""
+    rows = 0
+    with pq.ParquetWriter(sink, schema, **PARQUET_OPTIONS) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
 
 
 class _HashingSink:
@@ -430,7 +434,6 @@ class _HashingSink:
         self.stream: Any = None
         self.digest = hashlib.sha256()
         self.size = 0
-        self.rows = 0
         self.closed = False
 
     def write(self, data: bytes) -> int:

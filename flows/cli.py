@@ -17,10 +17,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from enum import Enum, StrEnum
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
@@ -831,11 +832,14 @@ def entry_point() -> None:
     after Prefect's own exit handlers, which send the last logs and events to the API.
     """
     status: list[object] = [1]  # an error that escapes main exits 1, as Python would
+    last_words: list[str] = []  # the error line, said after Prefect's exit handlers have logged theirs
 
     def exit_now() -> None:
         try:
             logging.shutdown()
         finally:
+            for line in last_words:
+                print(line, file=sys.stderr)
             for stream in (sys.stdout, sys.stderr):
                 with suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to flush
                     stream.flush()
@@ -844,14 +848,18 @@ def entry_point() -> None:
 
     atexit.register(exit_now)
     try:
-        main()
+        main(last_words.append)
     except SystemExit as done:
         status[0] = done.code
         raise
 
 
-def main() -> None:
-    """Entry point: errors end with one line on stderr and the exit code of their kind, not a traceback."""
+def main(say: Callable[[str], None] | None = None) -> None:
+    """Entry point: errors end with one line on stderr and the exit code of their kind, not a traceback.
+
+    `say` takes that line instead of printing it at once (the executable prints it last of all).
+    """
+    say = say or partial(print, file=sys.stderr)
     runtime.quiet_defaults()
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
@@ -861,8 +869,8 @@ def main() -> None:
         code, message = _exit_code(error)
         if not code:
             raise
-        print(f"featuresum: error: {message}", file=sys.stderr)
+        say(f"featuresum: error: {message}")
         sys.exit(code)
     if code == 130:  # Typer turns Ctrl-C into this exit code
-        print("featuresum: error: interrupted", file=sys.stderr)
+        say("featuresum: error: interrupted")
     sys.exit(code if isinstance(code, int) else 0)

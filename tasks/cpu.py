@@ -52,14 +52,22 @@ def threads_for(others: float, cores: int, limit: int) -> int:
 
 
 class OthersLoad:
-    """How many cores other processes kept busy since the last reading (None where it cannot be told)."""
+    """How many cores other processes kept busy since the last reading (None where it cannot be told).
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self._clock = clock
-        self._last = (clock(), _host_busy_seconds(), _own_seconds())
+    The clock and the two CPU-time counters are parameters, so the arithmetic can be checked on given figures.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        host_busy: Callable[[], float | None] = _host_busy_seconds,
+        own: Callable[[], float] = _own_seconds,
+    ):
+        self._readings = lambda: (clock(), host_busy(), own())
+        self._last = self._readings()
 
     def read(self) -> float | None:
-        now = (self._clock(), _host_busy_seconds(), _own_seconds())
+        now = self._readings()
         (then, busy, own), self._last = self._last, now
         if busy is None or now[1] is None or now[0] <= then:
             return None
@@ -69,12 +77,18 @@ class OthersLoad:
 class ThreadPolicy:
     """Sets torch's thread count to what the other processes leave free, at most once per interval."""
 
-    def __init__(self, set_threads: Callable[[int], None], limit: int, interval: float = INTERVAL_SECONDS):
+    def __init__(
+        self,
+        set_threads: Callable[[int], None],
+        limit: int,
+        interval: float = INTERVAL_SECONDS,
+        load: OthersLoad | None = None,
+    ):
         self._set_threads = set_threads
         self.limit = limit
         self.threads = limit
         self._interval = interval
-        self._load = OthersLoad()
+        self._load = load or OthersLoad()
         self._due = time.monotonic() + interval
         self.changes: list[tuple[int, float]] = []
 

@@ -1,22 +1,89 @@
-"""Shared fixtures: a Prefect test harness for in-process flows, a real local server for the CLI."""
+"""Shared fixtures: a Prefect test harness for in-process flows, a real local server for the CLI.
 
+The suite never touches the files of the person running it: it runs in a temporary working folder
+with a PREFECT_HOME of its own and none of the caller's PREFECT_* settings, and fails if anything
+under the checkout's data/ and artifacts/ or the caller's PREFECT_HOME changed while it ran.
+"""
+
+import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+CHECKOUT = Path(__file__).resolve().parent.parent
+CALLER_HOME = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+for name in [name for name in os.environ if name.startswith("PREFECT_")]:
+    del os.environ[name]
+SUITE_HOME = Path(tempfile.mkdtemp(prefix="featuresum-tests-"))
+os.environ["PREFECT_HOME"] = str(SUITE_HOME / "prefect-home")
 
-from featuresum.flows import runtime
-from featuresum.tasks import data, training
-from featuresum.tasks.checkpoint import save_checkpoint
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from featuresum.flows import runtime  # noqa: E402
+from featuresum.tasks import data, training  # noqa: E402
+from featuresum.tasks.checkpoint import save_checkpoint  # noqa: E402
 
 runtime.quiet_defaults()
 # Fixtures that start a Prefect API: a test that uses one belongs to the server tier.
 SERVER_FIXTURES = {"harness", "prefect", "cli_home", "cli", "object_store"}
+
+
+# The date every pipeline run in the tests processes (given explicitly, so no result depends on the
+# day the suite runs); a test about the default date compares with the day it runs instead.
+DAY = "2026-03-02"
+# A running server of the caller's rewrites these files on its own; its flow runs are counted instead.
+SERVER_FILES = {"prefect.db", "prefect.db-wal", "prefect.db-shm", "prefect.db-journal"}
+
+
+def _snapshot(root: Path, skip: set[str] = frozenset()) -> dict[str, str]:
+    """{relative path: content hash} of every file under `root` (nothing when it does not exist)."""
+    files = {}
+    for path in sorted(root.rglob("*")) if root.is_dir() else ():
+        if path.is_file() and path.name not in skip and not path.name.startswith(runtime.SERVER_LOG):
+            files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def _flow_runs(home: Path) -> int | None:
+    """How many flow runs the caller's local Prefect database holds, read without writing to it."""
+    database = home / "prefect.db"
+    if not database.is_file():
+        return None
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30) as connection:
+        try:
+            return connection.execute("SELECT count(*) FROM flow_run").fetchone()[0]
+        except sqlite3.OperationalError:  # no tables yet
+            return None
+
+
+def _caller_state() -> dict[str, object]:
+    state = {folder: _snapshot(CHECKOUT / folder) for folder in ("data", "artifacts")}
+    return {**state, "PREFECT_HOME": _snapshot(CALLER_HOME, SERVER_FILES), "flow runs": _flow_runs(CALLER_HOME)}
+
+
+def pytest_configure(config):
+    config.caller_state = _caller_state()
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once
+        return
+    before, after = session.config.caller_state, _caller_state()
+    changed = [name for name in before if before[name] != after[name]]
+    if changed:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        where = {"data": CHECKOUT / "data", "artifacts": CHECKOUT / "artifacts", "PREFECT_HOME": CALLER_HOME}
+        print(f"\nthe tests changed the caller's files: {', '.join(str(where.get(n, n)) for n in changed)}")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SUITE_HOME, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
@@ -24,6 +91,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_working_folder(tmp_path_factory):
+    """The servers and harness of the session start in the suite's own folder, not in the checkout."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("session-cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def own_working_folder(suite_working_folder, tmp_path_factory, monkeypatch):
+    """Each test starts in an empty folder of its own, so default relative paths are private to it."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +160,7 @@ def run_json(result: subprocess.CompletedProcess) -> dict:
 
 
 SMALL = ["--train-samples", "4000", "--holdout-samples", "1000", "--score-samples", "700", "--epochs", "2"]
+SMALL += ["--date", DAY]
 
 
 def small_run_args(tmp: Path, *extra: str) -> list[str]:

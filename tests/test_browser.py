@@ -14,11 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import SMALL
 from prefect_servers import prefect_server, require_service, run_command, stop_process_group, wait_until
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
-SMALL_RUN = ["--train-samples", "4000", "--holdout-samples", "1000", "--score-samples", "700", "--epochs", "2"]
 ARTIFACT_KEYS = (
     "featuresum-training-history",
     "featuresum-training-report",
@@ -152,7 +152,7 @@ def finished_run(server, tmp_path_factory):
     """The JSON summary of a small pipeline run recorded by the server."""
     work = tmp_path_factory.mktemp("ui-run")
     dirs = ["--data-dir", str(work / "data"), "--artifacts-dir", str(work / "artifacts")]
-    result = run_command("featuresum", "run", "--json", *SMALL_RUN, *dirs, env=server.client_env, cwd=work)
+    result = run_command("featuresum", "run", "--json", *SMALL, *dirs, env=server.client_env, cwd=work)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

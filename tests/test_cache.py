@@ -12,7 +12,7 @@ from featuresum.flows.pipeline import score_flow, train_flow
 from featuresum.tasks import storage
 from featuresum.tasks.errors import InputError
 
-TRAIN = {k: SMALL[k] for k in ("train_samples", "holdout_samples", "epochs", "batch_size")}
+TRAIN = {k: SMALL[k] for k in ("train_samples", "holdout_samples", "epochs", "batch_size", "run_date")}
 
 
 def states(summary):
@@ -29,7 +29,7 @@ def two_models(prefect, tmp_path):
     dirs = {"data_dir": str(tmp_path / "data"), "artifacts_dir": str(tmp_path / "artifacts")}
     a = train_flow(**TRAIN, seed=0, **dirs)
     b = train_flow(**TRAIN, seed=1, **dirs)
-    batch = score_flow(model=a["checkpoint"], samples=900, seed=5, **dirs)
+    batch = score_flow(model=a["checkpoint"], samples=900, seed=5, run_date=SMALL["run_date"], **dirs)
     return a["checkpoint"], b["checkpoint"], batch["score_input"], dirs
 
 
@@ -98,7 +98,8 @@ def first_run(prefect, tmp_path):
 
 
 def test_an_output_replaced_by_another_valid_output_is_recomputed(first_run, tmp_path):
-    other = run_pipeline(tmp_path, seed=1)
+    # The other run never becomes the champion, so the rerun below scores with the same model on any date.
+    other = run_pipeline(tmp_path, seed=1, min_improvement=1.0)
     ours, theirs = storage.Path(first_run["predictions"]), storage.Path(other["predictions"])
     original = ours.read_bytes()
     assert theirs.read_bytes() != original
@@ -118,7 +119,8 @@ def test_completed_predictions_leave_no_shard_folder(first_run):
 
 
 def test_score_zero_samples_scores_zero_rows(first_run, tmp_path):
-    summary = score_flow(model=first_run["checkpoint"], samples=0, data_dir=str(tmp_path / "data"))
+    day = SMALL["run_date"]
+    summary = score_flow(model=first_run["checkpoint"], samples=0, run_date=day, data_dir=str(tmp_path / "data"))
     assert summary["predicted_rows"] == 0
     assert pq.read_table(summary["predictions"]).num_rows == 0
 

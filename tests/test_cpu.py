@@ -1,4 +1,4 @@
-"""Training threads that follow the load of other processes, measured for real from /proc/stat."""
+"""Training threads that follow the load of other processes: the policy on given figures, the counters for real."""
 
 import subprocess
 import sys
@@ -32,27 +32,50 @@ class Spinner:
         self.process.wait()
 
 
-def test_the_load_of_another_process_is_measured_and_our_own_is_not():
+class Counters:
+    """Given CPU-time counters: the host's busy seconds and this process's own, read by OthersLoad."""
+
+    def __init__(self):
+        self.now = self.host = self.own = 0.0
+
+    def advance(self, seconds: float, host: float, own: float) -> None:
+        self.now, self.host, self.own = self.now + seconds, self.host + host, self.own + own
+
+    def load(self) -> cpu.OthersLoad:
+        return cpu.OthersLoad(lambda: self.now, lambda: self.host, lambda: self.own)
+
+
+def test_the_load_of_others_is_the_host_busy_time_less_our_own():
+    counters = Counters()
+    load = counters.load()
+    counters.advance(2.0, host=3.0, own=1.2)  # over 2 s, others kept 1.8 CPU-seconds busy
+    assert load.read() == pytest.approx(0.9)
+    counters.advance(1.0, host=1.0, own=1.0)  # only our own work: no load of others
+    assert load.read() == 0.0
+    assert load.read() is None  # no time has passed
+
+
+def test_a_host_without_counters_gives_no_reading():
+    load = cpu.OthersLoad(host_busy=lambda: None)
+    assert load.read() is None
+
+
+def test_the_host_counters_are_read_for_real_and_count_a_busy_process():
     load = cpu.OthersLoad()
     with Spinner():
         time.sleep(1.0)
         spun = load.read()
-    assert spun >= 0.7
-    # This process's own work does not count as others'.
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end:
-        pass
-    assert load.read() < spun - 0.4
+    # A busy machine only adds to what others use; our own sleep adds nothing.
+    assert spun >= 0.5
 
 
 def test_the_policy_drops_a_thread_beside_a_busy_process_and_takes_it_back(monkeypatch):
     monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
-    counts = []
-    policy = cpu.ThreadPolicy(counts.append, limit=2, interval=0.0)
-    with Spinner():
-        time.sleep(1.0)
-        assert policy.adjust() == 1
-    time.sleep(1.0)
+    counters, counts = Counters(), []
+    policy = cpu.ThreadPolicy(counts.append, limit=2, interval=0.0, load=counters.load())
+    counters.advance(1.0, host=2.0, own=1.0)  # another process keeps one core busy
+    assert policy.adjust() == 1
+    counters.advance(1.0, host=1.0, own=1.0)  # it has gone
     assert policy.adjust() == 2
     assert counts == [1, 2]
     assert [count for count, _ in policy.changes] == [1, 2]

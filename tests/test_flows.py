@@ -7,12 +7,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import DAY
 
 from featuresum.flows.pipeline import pipeline_flow, score_flow
 from featuresum.tasks import data, monitoring, storage
 from featuresum.tasks.checkpoint import load_checkpoint
 
-SMALL = {"train_samples": 3000, "holdout_samples": 800, "score_samples": 600, "epochs": 2, "batch_size": 128}
+# A fixed run date (conftest.DAY): no result depends on the day the suite runs.
+SMALL = {
+    "train_samples": 3000, "holdout_samples": 800, "score_samples": 600, "epochs": 2, "batch_size": 128, "run_date": DAY
+}  # fmt: skip
 
 
 def run_pipeline(tmp_path, **overrides):

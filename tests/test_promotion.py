@@ -84,6 +84,6 @@ def test_a_challenger_that_is_not_better_enough_is_kept_out_and_the_champion_sco
 
 
 def test_train_registers_and_gates_too(prefect, tmp_path):
-    options = {k: SMALL[k] for k in ("train_samples", "holdout_samples", "epochs", "batch_size")}
+    options = {k: SMALL[k] for k in ("train_samples", "holdout_samples", "epochs", "batch_size", "run_date")}
     summary = train_flow(**options, data_dir=str(tmp_path / "d"), artifacts_dir=str(tmp_path / "a"))
     assert summary["model_version"] == 1 and summary["registry"]["promoted"] is True

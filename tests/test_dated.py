@@ -15,7 +15,7 @@ WINDOW = {**SMALL, "window_days": 3}
 
 def run_on(tmp_path, day, **overrides):
     options = {**WINDOW, "data_dir": str(tmp_path / "data"), "artifacts_dir": str(tmp_path / "artifacts")}
-    return pipeline_flow(**{**options, **overrides}, run_date=day)
+    return pipeline_flow(**{**options, **overrides, "run_date": day})
 
 
 def test_the_next_date_generates_one_new_partition_and_a_rerun_nothing(prefect, tmp_path):

@@ -14,7 +14,7 @@ from prefect.tasks import Task
 
 from featuresum.flows.presets import DEFAULT, DRIFT_ALERT, DRIFT_WARN, SHARD_ROWS
 from featuresum.tasks import monitoring, reports, storage
-from featuresum.tasks.errors import InputError
+from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.prefect_tasks import (
     evaluate_model,
     fingerprint_input,
@@ -26,7 +26,7 @@ from featuresum.tasks.prefect_tasks import (
     train_model,
     write_predictions,
 )
-from featuresum.tasks.registry import Registry
+from featuresum.tasks.registry import REGISTRY_FILE, Registry
 from featuresum.tasks.settings import TrainConfig, resolve_device
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -202,7 +202,7 @@ def _monitor(
         states,
         model=_ref(model),
         batch=_ref(batch),
-        predictions={key: predictions.get(key) for key in ("path", "fingerprint", "score_accuracy")},
+        predictions={key: predictions.get(key) for key in ("path", "fingerprint", "score_accuracy", "labelled_rows")},
         run_date=day.isoformat(),
         model_version=registered.version if registered else None,
         thresholds=thresholds,
@@ -304,6 +304,8 @@ def _gate(
 ) -> dict:
     """Register the trained model as a version; make it the champion when there is none or it is better.
 
+    A run for an earlier date than the champion's (a rerun, a backfill of the past) is measured and its
+    decision recorded, but it never takes the champion: the champion only moves forward in time.
     The challenger's held-out accuracy is measured by training; the champion's on the same held-out
     rows by a cached task. A concurrent run that moves the champion meanwhile makes the gate decide
     again against the new champion (compare-and-set), so no promotion is lost or made blindly.
@@ -327,7 +329,10 @@ def _gate(
         elif champion.version == challenger.version:
             promoted, reason, champion_accuracy = False, "the challenger is the champion already", challenger_accuracy
         elif not storage.exists(champion.checkpoint):
-            promoted, reason = True, f"the champion's checkpoint {champion.checkpoint} is gone"
+            raise EnvironmentFailure(
+                f"the champion (version {champion.version}) has no checkpoint at {champion.checkpoint}: restore"
+                " the file, or make another version the champion with `featuresum models promote VERSION`"
+            )
         else:
             reference = {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
             measured = _call(evaluate_model, states, model=reference, holdout=_ref(holdout), device=device)
@@ -338,6 +343,12 @@ def _gate(
                 f"held-out accuracy {challenger_accuracy:.4f} {comparison} champion's {champion_accuracy:.4f}"
                 f" + min improvement {min_improvement:g}"
             )
+            if (champion.run_date or "") > window.day.isoformat():
+                promoted = False
+                reason += (
+                    f"; kept out: the champion (version {champion.version}) was trained for {champion.run_date},"
+                    f" after this run's date {window.day}, and a run never moves the champion back in time"
+                )
         expected = champion.version if champion else None
         if not promoted or registry.set_alias(challenger.version, reason, flow_run_id=run_id, expected=expected):
             break
@@ -365,6 +376,7 @@ def _summary(states: dict[str, str], **outputs: dict) -> dict[str, Any]:
         if "score_accuracy" in manifest:
             summary["metrics"]["score_accuracy"] = manifest["score_accuracy"]
             summary["predicted_rows"] = manifest["rows"]
+            summary["labelled_rows"] = manifest.get("labelled_rows")
         if "start_epoch" in manifest:
             summary["start_epoch"] = manifest["start_epoch"]
             summary["epochs_completed"] = manifest["epochs_completed"]
@@ -384,6 +396,27 @@ def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:
     for given in filter(None, inputs):
         if storage.resolve(output) == storage.resolve(given):
             raise InputError(f"{output}: the output would overwrite an input of this run; choose another --output")
+
+
+def _refuse_managed_output(output: str | None, data_dir: str, artifacts_dir: str) -> None:
+    """An output over a file featuresum keeps (the registry, the monitoring history, a registered checkpoint,
+    the data folder's partitions, a shard folder) would destroy it: refuse before anything runs."""
+    if output is None:
+        return
+    target = str(storage.resolve(output))
+    artifacts = storage.resolve(artifacts_dir)
+    kept = {str(storage.join(artifacts, name)): name for name in (REGISTRY_FILE, monitoring.HISTORY_FILE)}
+    kept |= {version.checkpoint: f"model version {version.version}" for version in Registry(artifacts).versions()}
+    data = f"{str(storage.resolve(data_dir)).rstrip('/')}/"
+    if target in kept:
+        what = kept[target]
+    elif target.startswith(data):
+        what = "the data folder"
+    elif any(part.endswith(".parts") for part in target.split("/")[:-1]):
+        what = "a shard folder"
+    else:
+        return
+    raise InputError(f"{output}: featuresum keeps {what} there; choose another --output")
 
 
 def _begin(run_date: str | None, data_dir: str, artifacts_dir: str) -> date:
@@ -448,6 +481,7 @@ def score_flow(
     """Score a Parquet file, or the synthetic batch of `samples` rows of the run date, with a checkpoint; monitor it."""
     states = _task_runs()
     _refuse_overwriting_inputs(output, model, input)
+    _refuse_managed_output(output, data_dir, artifacts_dir)
     monitoring.check_thresholds(drift_warn, drift_alert)
     day = _begin(run_date, data_dir, artifacts_dir)
     fingerprint = fingerprint_input.with_options(refresh_cache=refresh)

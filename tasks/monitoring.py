@@ -41,6 +41,7 @@ HISTORY_SCHEMA = pa.schema(
         ("batch_fingerprint", pa.string()),
         ("predictions", pa.string()),
         ("rows", pa.int64()),
+        ("labelled_rows", pa.int64()),
         ("feature_sum_psi", pa.float64()),
         ("predicted_class_psi", pa.float64()),
         ("feature_sum_mean", pa.float64()),
@@ -197,9 +198,12 @@ def _rows(path: storage.Location, content: bytes | None) -> list[dict[str, Any]]
         return []
     try:
         # ParquetFile, not read_table: the dataset API that read_table uses imports pandas.
-        return pq.ParquetFile(pa.BufferReader(content)).read().to_pylist()
+        table = pq.ParquetFile(pa.BufferReader(content)).read()
     except pa.ArrowInvalid as error:
         raise InputError(f"{path}: not a monitoring history ({error}); move it aside") from None
+    if missing := [name for name in (*HISTORY_KEY, "recorded") if name not in table.schema.names]:
+        raise InputError(f"{path}: not a monitoring history (no column {missing[0]}); move it aside")
+    return table.to_pylist()
 
 
 def _key(row: dict[str, Any]) -> tuple:

@@ -373,7 +373,13 @@ def write_predictions(
         reports.publish_predictions(summary, path)
         accuracy, counts = summary.accuracy, summary.class_counts
         manifest = storage.write_manifest(
-            target, key, written=written, rows=written.rows, score_accuracy=accuracy, class_counts=counts
+            target,
+            key,
+            written=written,
+            rows=written.rows,
+            labelled_rows=summary.labelled,
+            score_accuracy=accuracy,
+            class_counts=counts,
         )
         _remove_parts(target)
         return manifest
@@ -427,6 +433,7 @@ def monitor_batch(
         "predictions": predictions["path"],
         **figures,
         "accuracy": predictions.get("score_accuracy"),
+        "labelled_rows": predictions.get("labelled_rows"),
         "level": monitoring.level(psis, thresholds["warn"], thresholds["alert"]),
         "drift_warn": thresholds["warn"],
         "drift_alert": thresholds["alert"],

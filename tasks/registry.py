@@ -126,11 +126,28 @@ def _aliases_by_version(conn: sqlite3.Connection) -> dict[int, tuple[str, ...]]:
     return aliases
 
 
-def _version(row: sqlite3.Row, aliases: dict[int, tuple[str, ...]]) -> Version:
+def _stored(folder: storage.Location, checkpoint: str) -> str:
+    """How a checkpoint location is kept: relative to the artifacts folder when it lies in it, so the
+    registry stays right when the folder is moved, copied or read from another machine."""
+    if storage.is_remote(folder):
+        prefix = f"{folder}/"
+        return checkpoint[len(prefix) :] if checkpoint.startswith(prefix) else checkpoint
+    path = Path(checkpoint)
+    return str(path.relative_to(folder)) if path.is_absolute() and path.is_relative_to(folder) else checkpoint
+
+
+def _located(folder: storage.Location, stored: str) -> str:
+    """The checkpoint location a registry row names: a relative name is under the registry's own folder."""
+    if storage.is_remote(stored) or Path(stored).is_absolute():
+        return stored
+    return str(storage.join(folder, stored))
+
+
+def _version(row: sqlite3.Row, aliases: dict[int, tuple[str, ...]], folder: storage.Location) -> Version:
     window = row["date_window"]
     return Version(
         version=row["version"],
-        checkpoint=row["checkpoint"],
+        checkpoint=_located(folder, row["checkpoint"]),
         fingerprint=row["fingerprint"],
         run_date=row["run_date"],
         window=None if window is None else json.loads(window),
@@ -140,11 +157,6 @@ def _version(row: sqlite3.Row, aliases: dict[int, tuple[str, ...]]) -> Version:
         created=row["created"],
         aliases=aliases.get(row["version"], ()),
     )
-
-
-def _select_version(conn: sqlite3.Connection, where: str, value: object) -> Version | None:
-    row = conn.execute(f"SELECT * FROM versions WHERE {where} = ?", (value,)).fetchone()
-    return None if row is None else _version(row, _aliases_by_version(conn))
 
 
 def _alias_target(conn: sqlite3.Connection, name: str) -> int | None:
@@ -180,6 +192,11 @@ class Registry:
 
     def __init__(self, artifacts_dir: storage.Location):
         self._path = storage.join(storage.at(artifacts_dir), REGISTRY_FILE)
+        self._folder = storage.resolve(artifacts_dir)
+
+    def _select_version(self, conn: sqlite3.Connection, where: str, value: object) -> Version | None:
+        row = conn.execute(f"SELECT * FROM versions WHERE {where} = ?", (value,)).fetchone()
+        return None if row is None else _version(row, _aliases_by_version(conn), self._folder)
 
     @property
     def path(self) -> storage.Location:
@@ -297,17 +314,21 @@ class Registry:
         window: dict | None = None,
         flow_run_id: str | None = None,
     ) -> Version:
-        """Add a model as the next version; a fingerprint already registered returns its version unchanged."""
+        """Add a model as the next version; a fingerprint already registered returns its version unchanged.
+
+        `checkpoint` is a location, or a name relative to the artifacts folder; either way a checkpoint in
+        that folder is recorded by its name there, so the folder can move.
+        """
 
         def add(conn: sqlite3.Connection) -> Version:
-            existing = _select_version(conn, "fingerprint", fingerprint)
+            existing = self._select_version(conn, "fingerprint", fingerprint)
             if existing is not None:
                 return existing
             conn.execute(
                 "INSERT INTO versions (checkpoint, fingerprint, run_date, date_window, config, metrics, flow_run_id,"
                 " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    str(checkpoint),
+                    _stored(self._folder, str(checkpoint)),
                     fingerprint,
                     run_date,
                     None if window is None else json.dumps(window, sort_keys=True),
@@ -317,7 +338,7 @@ class Registry:
                     _now(),
                 ),
             )
-            return _select_version(conn, "fingerprint", fingerprint)
+            return self._select_version(conn, "fingerprint", fingerprint)
 
         return self._write(add)
 
@@ -327,12 +348,13 @@ class Registry:
             if conn is None:
                 return []
             aliases = _aliases_by_version(conn)
-            return [_version(row, aliases) for row in conn.execute("SELECT * FROM versions ORDER BY version")]
+            rows = conn.execute("SELECT * FROM versions ORDER BY version")
+            return [_version(row, aliases, self._folder) for row in rows]
 
     def get(self, version: int) -> Version:
         """One version by number; InputError when it is not registered."""
         with self._read() as conn:
-            found = None if conn is None else _select_version(conn, "version", version)
+            found = None if conn is None else self._select_version(conn, "version", version)
         if found is None:
             raise InputError(f"no model version {version} in {self._path}")
         return found
@@ -340,7 +362,7 @@ class Registry:
     def find(self, fingerprint: str) -> Version | None:
         """The version registered with this checkpoint fingerprint, if any."""
         with self._read() as conn:
-            return None if conn is None else _select_version(conn, "fingerprint", fingerprint)
+            return None if conn is None else self._select_version(conn, "fingerprint", fingerprint)
 
     def alias(self, name: str = "champion") -> Version | None:
         """The version an alias points at, or None when the alias was never set."""
@@ -348,7 +370,7 @@ class Registry:
             if conn is None:
                 return None
             target = _alias_target(conn, name)
-            return None if target is None else _select_version(conn, "version", target)
+            return None if target is None else self._select_version(conn, "version", target)
 
     def set_alias(
         self,
@@ -368,7 +390,7 @@ class Registry:
             raise InputError(f"no model version {version} in {self._path}")
 
         def move(conn: sqlite3.Connection) -> AliasChange | None:
-            if _select_version(conn, "version", version) is None:
+            if self._select_version(conn, "version", version) is None:
                 raise InputError(f"no model version {version} in {self._path}")
             current = _alias_target(conn, name)
             if (expected is not ANY and current != expected) or current == version:
@@ -413,9 +435,9 @@ class Registry:
                 numbers = [row[0] for row in conn.execute("SELECT version FROM versions ORDER BY version")]
                 names = [row[0] for row in conn.execute("SELECT name FROM aliases ORDER BY name")]
             if reference.isdecimal() and int(reference) in numbers:
-                return _select_version(conn, "version", int(reference))
+                return self._select_version(conn, "version", int(reference))
             if reference in names:
-                return _select_version(conn, "version", _alias_target(conn, reference))
+                return self._select_version(conn, "version", _alias_target(conn, reference))
         if reference.isdecimal():
             raise InputError(f"no model version {int(reference)} in {self._path}: it holds {_span(numbers)}")
         if not numbers:

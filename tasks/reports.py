@@ -81,7 +81,10 @@ def publish_predictions(summary: ScoreSummary, predictions: str) -> None:
     accuracy = "n/a" if summary.accuracy is None else f"{summary.accuracy:.4f}"
     create_table_artifact(
         key="featuresum-predictions",
-        description=f"{summary.rows} predictions in `{predictions}`; accuracy on labelled rows: {accuracy}",
+        description=(
+            f"{summary.rows} predictions in `{predictions}`; accuracy on the {summary.labelled} labelled rows"
+            f" ({summary.rows - summary.labelled} without a label): {accuracy}"
+        ),
         table=[
             {
                 "predicted_class": label,

@@ -61,8 +61,9 @@ def score_batches(
     model.eval()
     for sample_id, features, label in batches:
         predicted, confidence = predict(model, features, device)
-        labelled = 0 if label is None else len(label)
-        correct = 0 if label is None else int((predicted == label).sum())
+        # A null label reads as NaN: the row is scored, but left out of the accuracy.
+        known = np.zeros(len(sample_id), dtype=bool) if label is None else label == label
+        labelled, correct = int(known.sum()), int((predicted[known] == label[known]).sum()) if known.any() else 0
         summary.add(len(sample_id), labelled, correct, np.bincount(predicted, minlength=NUM_CLASSES).tolist())
         feature_sum = np.add.reduce(features, axis=0, dtype=np.float64)
         yield pa.RecordBatch.from_arrays(

@@ -534,11 +534,15 @@ def iter_feature_batches(
     names = parquet.schema_arrow.names
     has_label = "label" in names
     columns = [*FEATURE_COLUMNS] + [name for name in ("sample_id", "label") if name in names]
+    never_null = [name for name in columns if name != "label"]
     metadata = parquet.metadata
     first = row_groups[0] if row_groups else 0
     start = sum(metadata.row_group(i).num_rows for i in range(first))
     try:
         for batch in _batches(path, parquet, batch_rows, columns, row_groups):
+            if nulls := [name for name in never_null if batch.column(name).null_count]:
+                count = open_features(path).read(columns=nulls[:1]).column(0).null_count  # the whole file's
+                raise InputError(f"{path}: column {nulls[0]} has {count} null values; fill or drop those rows")
             features = np.stack([batch.column(i).to_numpy(zero_copy_only=False) for i in range(NUM_FEATURES)]).astype(
                 np.float32, copy=False
             )
@@ -613,8 +617,8 @@ def read_dataset(paths: Location | list[Location]) -> tuple[torch.Tensor, torch.
     start = 0
     for path in paths:
         for _, block, label in iter_feature_batches(path):
-            if label is None:
-                raise InputError(f"{path}: a training or held-out file needs a label column")
+            if label is None or label.dtype.kind == "f":  # a null label reads as NaN
+                raise InputError(f"{path}: a training or held-out file needs a label on every row")
             end = start + block.shape[1]
             # torch copies the transposed block in tiles on every core; numpy's strided `= block.T` is 2-3x slower.
             features[start:end].copy_(torch.from_numpy(block).T)

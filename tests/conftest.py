@@ -5,6 +5,7 @@ with a PREFECT_HOME of its own and none of the caller's PREFECT_* settings, and 
 under the checkout's data/ and artifacts/ or the caller's PREFECT_HOME changed while it ran.
 """
 
+import atexit
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ CALLER_HOME = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").e
 for name in [name for name in os.environ if name.startswith("PREFECT_")]:
     del os.environ[name]
 SUITE_HOME = Path(tempfile.mkdtemp(prefix="featuresum-tests-"))
+atexit.register(shutil.rmtree, SUITE_HOME, ignore_errors=True)  # in every process that imports this file
 os.environ["PREFECT_HOME"] = str(SUITE_HOME / "prefect-home")
 
 import pytest  # noqa: E402
@@ -80,10 +82,6 @@ def pytest_sessionfinish(session):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         where = {"data": CHECKOUT / "data", "artifacts": CHECKOUT / "artifacts", "PREFECT_HOME": CALLER_HOME}
         print(f"\nthe tests changed the caller's files: {', '.join(str(where.get(n, n)) for n in changed)}")
-
-
-def pytest_unconfigure(config):
-    shutil.rmtree(SUITE_HOME, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -134,6 +134,23 @@ def test_an_output_that_is_an_input_is_refused(first_run, tmp_path):
     assert os.path.getsize(model) == size
 
 
+def test_an_output_over_a_file_featuresum_keeps_is_refused_and_leaves_it_intact(first_run, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    partition = next((tmp_path / "data").rglob("*.parquet"))
+    parts = artifacts / "p.parquet.parts" / "part-00000.parquet"
+    dirs = {"data_dir": str(tmp_path / "data"), "artifacts_dir": str(artifacts)}
+    model = shutil.copy(first_run["checkpoint"], tmp_path / "copy.pt")  # so the registered one is no input
+    kept = (artifacts / "registry.sqlite", artifacts / "monitoring.parquet", first_run["checkpoint"], partition)
+    for managed in kept:
+        before = storage.Path(managed).read_bytes()
+        with pytest.raises(InputError, match="featuresum keeps .* there; choose another --output"):
+            score_flow(model=str(model), input=first_run["score_input"], output=str(managed), **dirs)
+        assert storage.Path(managed).read_bytes() == before
+    with pytest.raises(InputError, match="a shard folder"):
+        score_flow(model=str(model), input=first_run["score_input"], output=str(parts), **dirs)
+    assert not parts.exists()
+
+
 def test_an_unchanged_input_is_fingerprinted_once(first_run, tmp_path):
     rows = tmp_path / "rows.parquet"
     shutil.copy(first_run["score_input"], rows)

@@ -166,7 +166,8 @@ def test_every_scored_batch_is_monitored_against_its_models_reference(first_run,
     assert history[0]["flow_run_id"] == tolerant["flow_run_id"]
     first = history[-1]
     assert first["flow_run_id"] == first_run["flow_run_id"] and first["model_version"] == 1
-    assert first["rows"] == SMALL["score_samples"] and first["predictions"] == first_run["predictions"]
+    assert first["rows"] == first["labelled_rows"] == SMALL["score_samples"] == first_run["labelled_rows"]
+    assert first["predictions"] == first_run["predictions"]
     assert first["accuracy"] == pytest.approx(first_run["metrics"]["score_accuracy"])
     assert first["feature_sum_psi"] == pytest.approx(first_run["drift"]["feature_sum_psi"])
     assert history[0]["feature_sum_mean"] > 40

@@ -3,11 +3,13 @@
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_cache import by_task
 from test_flows import SMALL, run_pipeline
 
 from featuresum.flows.pipeline import score_flow, train_flow
 from featuresum.tasks import storage, training
 from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint
+from featuresum.tasks.errors import EnvironmentFailure
 from featuresum.tasks.registry import Registry
 
 
@@ -42,8 +44,10 @@ def test_the_first_model_becomes_the_champion_and_a_rerun_adds_no_version(first_
     assert len(registry.versions()) == 1 and len(registry.history()) == 1
 
 
-def test_a_challenger_is_compared_with_the_champion_on_the_same_held_out_rows(first_run, tmp_path):
-    challenger = run_pipeline(tmp_path, seed=1)
+def test_a_better_challenger_is_compared_with_the_champion_on_the_same_held_out_rows(first_run, tmp_path):
+    # Twice the rows and epochs of the first model: better by a wide margin, whatever the noise.
+    more = {"train_samples": 2 * SMALL["train_samples"], "epochs": 2 * SMALL["epochs"]}
+    challenger = run_pipeline(tmp_path, seed=1, **more)
     gate = challenger["registry"]
     assert challenger["model_version"] == 2
     # Both accuracies are on the challenger's held-out rows, measured independently here.
@@ -51,16 +55,15 @@ def test_a_challenger_is_compared_with_the_champion_on_the_same_held_out_rows(fi
         accuracy_on(challenger["checkpoint"], challenger["holdout_data"])
     )
     assert gate["champion_accuracy"] == pytest.approx(accuracy_on(first_run["checkpoint"], challenger["holdout_data"]))
-    better = gate["challenger_accuracy"] >= gate["champion_accuracy"]
-    assert gate["promoted"] is better
-    assert gate["champion_version"] == (2 if better else 1)
+    assert gate["challenger_accuracy"] > gate["champion_accuracy"] + 0.05
+    assert gate["promoted"] is True and gate["champion_version"] == 2
 
     registry = Registry(tmp_path / "artifacts")
-    assert registry.alias().version == gate["champion_version"]
-    if better:
-        change = registry.history()[-1]
-        assert (change.version, change.previous, change.flow_run_id) == (2, 1, challenger["flow_run_id"])
-        assert change.reason == gate["reason"]
+    assert registry.alias().version == 2
+    change = registry.history()[-1]
+    assert (change.version, change.previous, change.flow_run_id) == (2, 1, challenger["flow_run_id"])
+    assert change.reason == gate["reason"]
+    assert challenger["scored_with"] == challenger["checkpoint"]
 
 
 def test_a_challenger_that_is_not_better_enough_is_kept_out_and_the_champion_scores(first_run, tmp_path):
@@ -87,3 +90,45 @@ def test_train_registers_and_gates_too(prefect, tmp_path):
     options = {k: SMALL[k] for k in ("train_samples", "holdout_samples", "epochs", "batch_size", "run_date")}
     summary = train_flow(**options, data_dir=str(tmp_path / "d"), artifacts_dir=str(tmp_path / "a"))
     assert summary["model_version"] == 1 and summary["registry"]["promoted"] is True
+
+
+LATER = "2026-03-09"
+
+
+def test_a_rerun_of_an_earlier_date_never_takes_the_champion_from_a_later_one(first_run, tmp_path):
+    later = run_pipeline(tmp_path, run_date=LATER)
+    registry = Registry(tmp_path / "artifacts")
+    registry.set_alias(later["model_version"], "promoted by hand")  # as `featuresum models promote` does
+    versions = len(registry.versions())
+
+    # The first date again, with a gate that any challenger passes: measured and recorded, nothing moves.
+    again = run_pipeline(tmp_path, min_improvement=-1.0)
+    trained = [state for step in ("generate-train", "generate-holdout", "train") for state in by_task(again, step)]
+    assert trained == ["Cached"] * 3
+    gate = again["registry"]
+    assert gate["promoted"] is False and gate["champion_version"] == later["model_version"] != again["model_version"]
+    assert gate["champion_accuracy"] is not None
+    assert f"trained for {LATER}, after this run's date {SMALL['run_date']}" in gate["reason"]
+    assert registry.alias().version == later["model_version"] and len(registry.versions()) == versions
+    assert again["scored_with"] == later["checkpoint"]
+
+
+def test_a_moved_artifacts_folder_keeps_its_champion_and_gate(first_run, tmp_path):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "artifacts").rename(moved / "artifacts")
+    registry = Registry(moved / "artifacts")
+    assert registry.alias().checkpoint == str(moved / "artifacts" / storage.Path(first_run["checkpoint"]).name)
+
+    kept_out = run_pipeline(tmp_path, seed=2, min_improvement=1.0, artifacts_dir=str(moved / "artifacts"))
+    assert kept_out["registry"]["promoted"] is False and kept_out["registry"]["champion_accuracy"] is not None
+    assert registry.alias().version == 1
+    assert kept_out["scored_with"] == registry.alias().checkpoint
+
+
+def test_a_champion_whose_checkpoint_is_gone_stops_the_gate_with_what_to_do(first_run, tmp_path):
+    storage.Path(first_run["checkpoint"]).unlink()
+    with pytest.raises(EnvironmentFailure, match="has no checkpoint at .* models promote"):
+        run_pipeline(tmp_path, seed=2)
+    registry = Registry(tmp_path / "artifacts")
+    assert registry.alias().version == 1

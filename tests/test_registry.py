@@ -33,7 +33,8 @@ def test_register_records_everything_and_a_known_fingerprint_returns_its_version
     registry = Registry(tmp_path / "artifacts")
     first = register(registry, 1, run_date="2026-11-28", window=WINDOW, flow_run_id="run-a")
     assert registry.path == tmp_path / "artifacts" / REGISTRY_FILE and registry.path.is_file()
-    assert first.version == 1 and first.checkpoint == "model-1.pt" and first.fingerprint == "fp-1"
+    assert first.version == 1 and first.fingerprint == "fp-1"
+    assert first.checkpoint == str(tmp_path / "artifacts" / "model-1.pt")  # relative to the registry's folder
     assert (first.run_date, first.window, first.flow_run_id) == ("2026-11-28", WINDOW, "run-a")
     assert first.config == {"seed": 1} and first.metrics == {"val_accuracy": 0.91} and first.aliases == ()
     assert recent(first.created)
@@ -43,7 +44,7 @@ def test_register_records_everything_and_a_known_fingerprint_returns_its_version
     assert registry.versions() == [first]
     assert json.loads(json.dumps(first.as_dict())) == {
         "version": 1,
-        "checkpoint": "model-1.pt",
+        "checkpoint": first.checkpoint,
         "fingerprint": "fp-1",
         "run_date": "2026-11-28",
         "window": WINDOW,
@@ -307,3 +308,15 @@ def test_concurrent_registrations_of_one_fingerprint_make_one_version(tmp_path):
     ]
     assert [process.communicate(timeout=60)[0].strip() for process in processes] == ["1"] * 4
     assert [v.version for v in Registry(tmp_path).versions()] == [1]
+
+
+def test_a_registry_moved_with_its_folder_names_the_checkpoints_in_the_new_place(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "moved" / "artifacts"
+    registry = Registry(old)
+    inside = registry.register(str(old / "model-1.pt"), "fp-1", config={}, metrics={})
+    outside = registry.register(str(tmp_path / "kept" / "model-2.pt"), "fp-2", config={}, metrics={})
+    assert (inside.checkpoint, outside.checkpoint) == (str(old / "model-1.pt"), str(tmp_path / "kept" / "model-2.pt"))
+    new.parent.mkdir()
+    old.rename(new)
+    moved = Registry(new)
+    assert [v.checkpoint for v in moved.versions()] == [str(new / "model-1.pt"), str(tmp_path / "kept" / "model-2.pt")]

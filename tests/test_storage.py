@@ -198,3 +198,44 @@ def test_s3_locations_are_parsed_checked_and_joined_without_a_store():
     for bad in ("s3://", "s3:///key", "s3://Upper_Case/key", "s3://ab/key", "s3://bucket-1/a/../b"):
         with pytest.raises(InputError, match="S3"):
             storage.at(bad)
+
+
+def _with_nulls(tmp_path, column: str, rows: list[int]) -> Path:
+    """A feature file of 300 generated rows whose `column` is null in `rows`."""
+    table = pa.Table.from_batches([storage.shard_to_batch(data.generate_shard(3, "score", 0, 300))])
+    index = table.schema.get_field_index(column)
+    mask = np.zeros(table.num_rows, dtype=bool)
+    mask[rows] = True
+    values = pa.array(table.column(column).to_numpy(), mask=mask)
+    path = tmp_path / f"{column}.parquet"
+    pq.write_table(table.set_column(index, column, values), path, row_group_size=100)
+    return path
+
+
+@pytest.mark.parametrize("column", ["sample_id", "f010"])
+def test_a_null_sample_id_or_feature_is_refused_naming_the_column_and_the_count(tmp_path, column):
+    path = _with_nulls(tmp_path, column, [3, 150, 151])
+    with pytest.raises(InputError, match=f"column {column} has 3 null values"):
+        list(storage.iter_feature_batches(path))
+
+
+def test_rows_without_a_label_are_scored_but_left_out_of_the_accuracy(tmp_path):
+    import torch
+
+    from featuresum.tasks import scoring
+    from featuresum.tasks.model import FeatureSumMLP
+
+    path = _with_nulls(tmp_path, "label", [0, 5, 299])
+    torch.manual_seed(0)
+    model, summary = FeatureSumMLP(), scoring.ScoreSummary()
+    scored = pa.Table.from_batches(
+        scoring.score_batches(model, storage.iter_feature_batches(path), torch.device("cpu"), summary)
+    )
+    labels = pq.read_table(path).column("label")
+    known = labels.is_valid().to_numpy(zero_copy_only=False)
+    hits = scored.column("predicted_class").to_numpy()[known] == labels.drop_null().to_numpy()
+    assert (summary.rows, summary.labelled, summary.correct) == (300, 297, int(hits.sum()))
+    assert summary.accuracy == pytest.approx(hits.mean())
+
+    with pytest.raises(InputError, match="needs a label on every row"):
+        storage.read_dataset(path)

@@ -2,8 +2,11 @@
 
 Prefect has schedules but no backfill: this finds, through the Prefect API, the dates that already
 have a run with the same options, and runs the others in order, stopping at the first failure.
+A run that the API still calls in flight but whose process on this host is gone (killed, out of
+memory, a reboot) is marked Crashed and counts as such, so the same command run again reruns its date.
 """
 
+import socket
 from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
@@ -42,6 +45,7 @@ def earlier_runs(parameters: dict[str, Any], days: list[date]) -> dict[str, Any]
             day = run_date_of(run)
             if day in wanted and day not in found and _same_options(run.parameters, {**parameters, "run_date": day}):
                 found[day] = run
+        mark_crashed(client, found.values())
     return found
 
 
@@ -55,6 +59,33 @@ def _pages(read) -> Iterator[Any]:
 def run_date_of(run: Any) -> str | None:
     """The date a pipeline run processed: its `run_date` parameter, or (a scheduled run) its `date-` tag."""
     return run.parameters.get("run_date") or next((tag[5:] for tag in run.tags if tag.startswith("date-")), None)
+
+
+def process_gone(run: Any) -> bool:
+    """Whether a run the API calls in flight has lost its process: one recorded on this host that no
+    longer runs (or whose pid now belongs to a process started after the run)."""
+    import psutil
+
+    host, _, pid = (run.infrastructure_pid or "").rpartition(":")
+    if run.state.is_final() or host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        process = psutil.Process(int(pid))
+        started, status = process.create_time(), process.status()
+    except psutil.NoSuchProcess:
+        return True
+    return status == psutil.STATUS_ZOMBIE or (run.start_time is not None and started > run.start_time.timestamp())
+
+
+def mark_crashed(client: Any, runs: Iterator[Any]) -> None:
+    """Put every run whose process is gone in the Crashed state, in the API and in `runs` themselves."""
+    from prefect.states import Crashed
+
+    for run in runs:
+        if process_gone(run):
+            state = Crashed(message=f"its process {run.infrastructure_pid} is gone; found by a backfill")
+            client.set_flow_run_state(run.id, state, force=True)
+            run.state = state
 
 
 def to_run(days: list[date], earlier: dict[str, Any], reprocess: str) -> list[date]:
@@ -81,14 +112,17 @@ def to_run(days: list[date], earlier: dict[str, Any], reprocess: str) -> list[da
 def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple[date, Any, bool]]:
     """Run a served deployment once per date, one at a time, oldest first; yields (date, flow run, skipped).
 
-    Each run is created with an idempotency key per deployment, date and number of earlier failed
-    runs of the date, so repeating the command (after an interruption, say) finds the runs it
-    already created instead of creating new ones, while a date whose run failed gets a new run.
+    Each run is created with an idempotency key per deployment, its parameters, the date and the
+    number of earlier failed runs of the date (with `all`: one run per date and parameters), so
+    repeating the command (after an interruption, say) finds the runs it already created instead of
+    creating new ones, while a date whose run failed gets a new run.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.deployments import run_deployment
+
+    from featuresum.tasks.storage import spec_key
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(name)
@@ -102,6 +136,7 @@ def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple
             )
         ):
             earlier.setdefault(run_date_of(run), []).append(run)
+        mark_crashed(client, (run for runs in earlier.values() for run in runs))
     latest = {day: runs[0] for day, runs in earlier.items()}
     pending = to_run(days, latest, reprocess)
     for day in days:
@@ -110,10 +145,10 @@ def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple
             continue
         runs = earlier.get(day.isoformat(), [])
         if reprocess == "all":
-            attempt = f"all-{len(runs)}"
+            attempt = "all"
         else:  # a run still in flight keeps its key; a failed one makes way for a new run
             attempt = str(sum(run.state.is_final() and not run.state.is_completed() for run in runs))
-        key = f"featuresum-backfill/{deployment.id}/{day}/{attempt}"
+        key = f"featuresum-backfill/{deployment.id}/{spec_key(deployment.parameters)[:16]}/{day}/{attempt}"
         run = run_deployment(
             name, parameters={"run_date": day.isoformat()}, idempotency_key=key, tags=["backfill"], timeout=None,
             poll_interval=1, as_subflow=False,

@@ -169,13 +169,21 @@ def _today() -> str:
 
 
 def flow_parameters(preset: Preset, **options: Any) -> dict[str, Any]:
-    """Flow parameters: a preset's values, overridden by every option the user gave."""
+    """Flow parameters: a preset's values, overridden by every option the user gave.
+
+    Folders are resolved (an absolute path, or the URI), so a run records where it wrote and two
+    projects whose relative folders read alike never take each other's runs for their own.
+    """
+    from featuresum.tasks import storage
 
     def plain(value: Any) -> Any:
         return value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
 
     values = PRESETS[preset.value].values()
     values.update({key: plain(value) for key, value in options.items() if value is not None})
+    for folder in ("data_dir", "artifacts_dir"):
+        if folder in values:
+            values[folder] = str(storage.resolve(values[folder]))
     return values
 
 
@@ -662,6 +670,19 @@ def _skipped(day: date, previous: Any) -> dict[str, Any]:
     return {"run_date": day.isoformat(), "flow_run_id": str(previous.id) if previous else None, "state": "Skipped"}
 
 
+def _deployment_folder(deployment: Any, folder: str) -> str:
+    """A deployment's folder as its runs see it: a relative one is under the working directory its pull
+    steps set (a prefect.yaml deployment), else under the folder it was served from."""
+    from featuresum.tasks import storage
+
+    if storage.is_remote(folder) or Path(folder).is_absolute():
+        return folder
+    for step in deployment.pull_steps or []:
+        if directory := step.get("prefect.deployments.steps.set_working_directory", {}).get("directory"):
+            return str(Path(directory) / folder)
+    return str(Path(deployment.path or ".") / folder)
+
+
 def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[list[dict[str, Any]], str]:
     """Runs of a served deployment, one per date; the registry is in the deployment's artifacts folder."""
     from prefect.client.orchestration import get_client
@@ -676,7 +697,7 @@ def _backfill_deployment(name: str, days: list[date], reprocess: str) -> tuple[l
             found = client.read_deployment_by_name(name)
     except (ObjectNotFound, ValueError):
         raise typer.BadParameter(f"no deployment {name!r} (give flow/name, e.g. featuresum-pipeline/<name>)") from None
-    artifacts_dir = found.parameters.get("artifacts_dir", "artifacts")
+    artifacts_dir = _deployment_folder(found, found.parameters.get("artifacts_dir", "artifacts"))
     registry, runs = Registry(artifacts_dir), []
     for day, run, skipped in backfills.on_deployment(name, days, reprocess):
         if skipped:

@@ -1,5 +1,7 @@
 """The featuresum flows: train, score, and the whole pipeline that chains them."""
 
+import os
+import socket
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
@@ -122,12 +124,13 @@ def _run_name(kind: str) -> Callable[[], str]:
     return name
 
 
-def _tag_date(day: date) -> None:
-    """Add the run's date to its tags, so the UI can filter runs by the date they processed.
+def _describe_run(day: date) -> None:
+    """Add the run's date to its tags, and record its process (host:pid), in one API call.
 
-    A deployment run that a drift alert started (through the deployment's trigger) is tagged as
-    such instead of `scheduled`, so the UI tells it from the runs of the schedule. A CLI run gets
-    its date tag when it is created, and then needs no API call here.
+    The date tag lets the UI filter runs by the date they processed. A deployment run that a drift
+    alert started (through the deployment's trigger) is tagged as such instead of `scheduled`, so
+    the UI tells it from the runs of the schedule. The process lets a backfill tell a run in flight
+    from one whose process died without a word (SIGKILL, out of memory, a reboot).
     """
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
@@ -137,10 +140,10 @@ def _tag_date(day: date) -> None:
     tags = [*run.tags, f"date-{day}"]
     if run.deployment_id and monitoring.started_by_drift(run.created_by):
         tags = [tag for tag in tags if tag != "scheduled"] + [monitoring.RETRAIN_TAG]
-    if set(tags) == set(run.tags):
-        return
     with get_client(sync_client=True) as client:
-        client.update_flow_run(run.id, tags=list(dict.fromkeys(tags)))
+        client.update_flow_run(
+            run.id, tags=list(dict.fromkeys(tags)), infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}"
+        )
 
 
 def _score(
@@ -275,6 +278,9 @@ def _train(
         "init": _initial_weights(init, window.day, artifacts_dir),
     }
     path = storage.output_path(storage.resolve(artifacts_dir), "model", parameters, ".pt")
+    if refresh and (kept := Registry(storage.resolve(artifacts_dir)).at_checkpoint(path)):
+        get_run_logger().info("%s is model version %d, and a registered version is never retrained over", path, kept)
+        refresh = False
     model = _run_cached(train_model, path, refresh, states, **parameters)
     folder = storage.parent(storage.parent(train[-1]["path"]))
     dataset = {"path": str(folder), "rows": sum(part["rows"] for part in train)}
@@ -332,6 +338,12 @@ def _gate(
             raise EnvironmentFailure(
                 f"the champion (version {champion.version}) has no checkpoint at {champion.checkpoint}: restore"
                 " the file, or make another version the champion with `featuresum models promote VERSION`"
+            )
+        elif storage.fingerprint(champion.checkpoint) != champion.fingerprint:
+            raise EnvironmentFailure(
+                f"the champion (version {champion.version}) checkpoint {champion.checkpoint} no longer holds its"
+                " registered weights: restore the file, or make another version the champion with"
+                " `featuresum models promote VERSION`"
             )
         else:
             reference = {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
@@ -423,7 +435,7 @@ def _begin(run_date: str | None, data_dir: str, artifacts_dir: str) -> date:
     """What every flow does first: find its date, tag the run with it, sweep leftovers, place task results."""
     RESULTS.set(result_storage(artifacts_dir))
     day = run_day(run_date)
-    _tag_date(day)
+    _describe_run(day)
     _sweep(data_dir, artifacts_dir)
     return day
 
@@ -486,6 +498,13 @@ def score_flow(
     day = _begin(run_date, data_dir, artifacts_dir)
     fingerprint = fingerprint_input.with_options(refresh_cache=refresh)
     checkpoint = _call(fingerprint, states, path=str(storage.resolve(model)))
+    registry = Registry(storage.resolve(artifacts_dir))
+    registered = registry.find(checkpoint["fingerprint"])
+    if registered is None and (claimed := registry.at_checkpoint(checkpoint["path"])):
+        raise EnvironmentFailure(
+            f"{model}: the checkpoint of model version {claimed} no longer holds its registered weights: restore"
+            " the file, or score with another version"
+        )
     if input is not None:
         features = _call(fingerprint, states, path=str(storage.resolve(input)))
     else:
@@ -496,7 +515,7 @@ def score_flow(
     thresholds = {"warn": drift_warn, "alert": drift_alert}
     observed = _monitor(checkpoint, features, predictions, day, thresholds, artifacts_dir, "score", refresh, states)
     summary = _summary(states, checkpoint=checkpoint, score_input=features, predictions=predictions)
-    if registered := Registry(storage.resolve(artifacts_dir)).find(checkpoint["fingerprint"]):
+    if registered:
         summary["model_version"] = registered.version
     return {**summary, "run_date": day.isoformat(), "drift": observed}
 

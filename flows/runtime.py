@@ -310,8 +310,9 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    if _port_is_free(DEFAULT_PORT):
+def _free_port(default: bool = True) -> int:
+    """The default port when it is free (and wanted), else one the system picks."""
+    if default and _port_is_free(DEFAULT_PORT):
         return DEFAULT_PORT
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -367,9 +368,20 @@ def _discard(home: Path, pid: int) -> None:
     (home / SERVER_STATE).unlink(missing_ok=True)
 
 
-def _start_server(home: Path, timeout: float) -> str | None:
-    """Start a server and wait until it answers; None if another program took its port first."""
-    port = _free_port()
+def _lost_its_port(log: Path, since: int) -> bool:
+    """Whether the server's log, from byte `since` on, says that its port was taken (its own bind error)."""
+    try:
+        with log.open("rb") as file:
+            file.seek(since)
+            return b"address already in use" in file.read().lower()
+    except OSError:
+        return False
+
+
+def _start_server(home: Path, timeout: float, port: int) -> str | None:
+    """Start a server on `port` and wait until it answers; None if another program took the port first."""
+    log = home / SERVER_LOG
+    since = log.stat().st_size if log.exists() else 0
     state, process = _spawn_server(home, port)
     _write_state(home, state)
     print(f"Starting a local Prefect server at http://127.0.0.1:{port} (log: {state['log']})", file=sys.stderr)
@@ -381,7 +393,8 @@ def _start_server(home: Path, timeout: float) -> str | None:
         raise
     exit_code = process.poll()
     _discard(home, process.pid)
-    if exit_code is not None and not _port_is_free(port):
+    if exit_code is not None and (_lost_its_port(log, since) or not _port_is_free(port)):
+        print(f"Another program took port {port}: trying another", file=sys.stderr)
         return None
     reason = f"exited with code {exit_code}" if exit_code is not None else f"did not answer within {timeout:g}s"
     detail = _last_error_line(home / SERVER_LOG)
@@ -408,8 +421,8 @@ def ensure_local_server(home: Path, timeout: float = 180.0) -> str:
                     f"the local Prefect server (pid {pid}) did not answer at {url} within {timeout:g}s; "
                     f"see {state.get('log', home / SERVER_LOG)}, or stop it: featuresum server stop"
                 )
-        for _ in range(START_ATTEMPTS):
-            if url := _start_server(home, timeout):
+        for attempt in range(START_ATTEMPTS):
+            if url := _start_server(home, timeout, _free_port(default=attempt == 0)):
                 return url
         raise ServerError(f"other programs took every port the local Prefect server tried; see {home / SERVER_LOG}")
 

@@ -5,6 +5,7 @@ A checkpoint holds `format`, `model` (state dict), `model_config`, `class_bounda
 `metrics`, `data_fingerprint` and `holdout_fingerprint`. It loads with `torch.load(weights_only=True)`.
 """
 
+import hashlib
 import io
 import pickle
 import warnings
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from featuresum.tasks import storage
-from featuresum.tasks.errors import InputError
+from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.model import FeatureSumMLP, ModelConfig
 
 CHECKPOINT_FORMAT = "featuresum-checkpoint/1"
@@ -43,11 +44,13 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_checkpoint(path: storage.Location) -> dict[str, Any]:
+def load_checkpoint(path: storage.Location, fingerprint: str | None = None) -> dict[str, Any]:
     """Load and validate a featuresum checkpoint without running any code stored in it.
 
     Whatever bytes `path` holds (nothing, text, random bytes, another zip, a directory), the
-    outcome is the checkpoint or an InputError naming the file and the problem.
+    outcome is the checkpoint or an InputError naming the file and the problem. With `fingerprint`
+    (a registered version's, or the one a task was keyed by), bytes that no longer hash to it are
+    an EnvironmentFailure: those are another model's weights.
     """
     path = storage.at(path)
     if isinstance(path, Path) and path.is_dir():
@@ -58,6 +61,11 @@ def load_checkpoint(path: storage.Location) -> dict[str, Any]:
         raise InputError(f"{path}: no such file") from None
     except OSError as error:
         raise InputError(f"{path}: cannot be read ({error.strerror})") from None
+    if fingerprint is not None and hashlib.sha256(content).hexdigest() != fingerprint:
+        raise EnvironmentFailure(
+            f"{path}: the checkpoint no longer holds the weights it was recorded with (fingerprint"
+            f" {fingerprint[:12]}): restore the file, or use another version (`featuresum models promote`)"
+        )
     if content[: len(ZIP_MAGIC)] != ZIP_MAGIC:
         raise InputError(f"{path}: refused: not a featuresum checkpoint (not a PyTorch archive; nothing was loaded)")
     try:

@@ -104,7 +104,7 @@ def load_model(reference: str | int | Path, artifacts_dir: str | Path = "artifac
     registry = Registry(artifacts_dir)
     version = _registered(reference, registry)
     path = storage.at(version.checkpoint if version else reference)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, version.fingerprint if version else None)  # a version's own weights
     if version is None:
         version = registry.find(storage.fingerprint(path))
     target = torch.device(device)

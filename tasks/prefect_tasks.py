@@ -22,7 +22,7 @@ from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
 from featuresum.tasks import cpu, data, monitoring, reports, s3, scoring, storage
-from featuresum.tasks.errors import InputError
+from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.settings import TrainConfig
 
 
@@ -246,7 +246,7 @@ def _train(
     steps = -(-len(x) // settings.batch_size)
     state = training.new_training_state(settings, steps, target)
     if init is not None:
-        state.model.load_state_dict(load_checkpoint(init["path"])["model"])
+        state.model.load_state_dict(load_checkpoint(init["path"], init["fingerprint"])["model"])
         logger.info("Starting from the weights of %s", init["path"])
     partial = storage.partial_checkpoint_path(path)
     if storage.exists(partial):
@@ -330,7 +330,7 @@ def score_shard(
         from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint
 
         where = torch.device(device)
-        classifier = model_from_checkpoint(load_checkpoint(model["path"]), where)
+        classifier = model_from_checkpoint(load_checkpoint(model["path"], model["fingerprint"]), where)
         summary = scoring.ScoreSummary()
         batches = storage.iter_feature_batches(storage.at(features["path"]), row_groups=row_groups)
         predictions = scoring.score_batches(classifier, batches, where, summary)
@@ -340,9 +340,17 @@ def score_shard(
         return storage.write_manifest(target, key, written=written, **asdict(summary))
 
 
-def _remove_parts(path: storage.Location) -> None:
-    """Delete the shard folder once the predictions file is complete (shards of older layouts included)."""
-    storage.remove_tree(storage.parts_dir(path))
+def _remove_parts(path: storage.Location, shards: list[dict[str, Any]] | None) -> None:
+    """Delete this run's shards once the predictions file is complete, and what other runs left in the shard
+    folder over an hour ago (older layouts, killed runs); another run writing the same output meanwhile
+    keeps its own shards and locks."""
+    for shard in shards or ():
+        location = storage.at(shard["path"])
+        storage.remove(location)
+        storage.remove(storage.manifest_path(location))
+        if not storage.is_remote(location):
+            storage.remove(storage.lock_path(location))
+    storage.remove_tree(storage.parts_dir(path), older_than=storage.LEFTOVER_AGE_SECONDS)
 
 
 @file_task(task_run_name="write-predictions")
@@ -358,7 +366,7 @@ def write_predictions(
     target, key = storage.at(path), _own_key()
     with storage.exclusive(target):
         if done := _reuse(target, key, refresh):
-            _remove_parts(target)
+            _remove_parts(target, shards)
             return done
         if shards is None:
             raise FileNotFoundError(errno.ENOENT, "predictions changed while being reused; run again", path)
@@ -381,7 +389,7 @@ def write_predictions(
             score_accuracy=accuracy,
             class_counts=counts,
         )
-        _remove_parts(target)
+        _remove_parts(target, shards)
         return manifest
 
 
@@ -394,7 +402,7 @@ def evaluate_model(model: dict[str, Any], holdout: dict[str, Any], device: str) 
     from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint
 
     target = torch.device(device)
-    classifier = model_from_checkpoint(load_checkpoint(model["path"]), target)
+    classifier = model_from_checkpoint(load_checkpoint(model["path"], model["fingerprint"]), target)
     x, y = (t.to(target) for t in storage.read_dataset(storage.at(holdout["path"])))
     return {"accuracy": training.accuracy(training.evaluate(classifier, x, y)), "rows": len(y)}
 
@@ -421,8 +429,17 @@ def monitor_batch(
     `scored_by` is the flow that scored the batch: "pipeline" (which trained a challenger for the
     date first) or "score". The drift event of a batch is sent until it is sent once.
     """
-    folder = storage.at(artifacts_dir)
-    figures = monitoring.batch_figures(storage.at(predictions["path"]), _reference(model))
+    folder, scored = storage.at(artifacts_dir), storage.at(predictions["path"])
+
+    def check_ours() -> None:  # another run writing the same output may have replaced the file meanwhile
+        if storage.manifest_of(scored, predictions["fingerprint"]) is None:
+            raise EnvironmentFailure(
+                f"{scored}: another run replaced these predictions before they were monitored; run again"
+            )
+
+    check_ours()
+    figures = monitoring.batch_figures(scored, _reference(model))
+    check_ours()  # the file read is the one checked before: a replacement would have changed its identity
     psis = (figures["feature_sum_psi"], figures["predicted_class_psi"])
     row = {
         "run_date": run_date,
@@ -454,7 +471,7 @@ def _reference(model: dict[str, Any]) -> dict[str, Any] | None:
         return manifest["reference"]
     from featuresum.tasks.checkpoint import load_checkpoint
 
-    return load_checkpoint(model["path"]).get("reference")
+    return load_checkpoint(model["path"], model["fingerprint"]).get("reference")
 
 
 def _psi(value: float | None) -> str:

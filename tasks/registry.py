@@ -364,6 +364,11 @@ class Registry:
         with self._read() as conn:
             return None if conn is None else self._select_version(conn, "fingerprint", fingerprint)
 
+    def at_checkpoint(self, checkpoint: storage.Location) -> int | None:
+        """The latest version registered with this checkpoint location, if any."""
+        found = [v.version for v in self.versions() if v.checkpoint == str(checkpoint)]
+        return found[-1] if found else None
+
     def alias(self, name: str = "champion") -> Version | None:
         """The version an alias points at, or None when the alias was never set."""
         with self._read() as conn:

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -225,13 +226,17 @@ def delete(uri: str) -> None:
         client().delete_object(Bucket=bucket, Key=key)
 
 
-def delete_prefix(uri: str) -> None:
-    """Delete every object under `uri/`."""
+def delete_prefix(uri: str, older_than: float | None = None) -> None:
+    """Delete every object under `uri/` (with `older_than`, those last written more than that many seconds ago)."""
     bucket, key = split(uri)
     with errors(uri):
         pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/")
+        now = datetime.now(UTC)
         for page in pages:
-            if objects := [{"Key": found["Key"]} for found in page.get("Contents", [])]:
+            found = page.get("Contents", [])
+            if older_than is not None:
+                found = [item for item in found if (now - item["LastModified"]).total_seconds() > older_than]
+            if objects := [{"Key": item["Key"]} for item in found]:
                 client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
 
 

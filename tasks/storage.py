@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import date
 from functools import cache
@@ -211,6 +211,11 @@ def sweep_leftovers(directory: Path, max_age_seconds: float = LEFTOVER_AGE_SECON
     return removed
 
 
+def lock_path(path: Path) -> Path:
+    """The lock file `exclusive` takes for `path`: a dotfile beside it."""
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextmanager
 def exclusive(path: Location) -> Iterator[None]:
     """Hold a lock on `path` (a lock file beside it) so only one process produces it at a time.
@@ -225,7 +230,7 @@ def exclusive(path: Location) -> Iterator[None]:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(f".{path.name}.lock").open("a") as lock:
+    with lock_path(path).open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -299,12 +304,24 @@ def remove(location: Location) -> None:
         Path(location).unlink(missing_ok=True)
 
 
-def remove_tree(location: Location) -> None:
-    """Delete a folder (or every object under a key prefix) if it is there."""
+def remove_tree(location: Location, older_than: float | None = None) -> None:
+    """Delete a folder (or every object under a key prefix) if it is there.
+
+    With `older_than` (seconds), only what was last written longer ago than that goes, and the folder
+    itself only once it is empty: what a live run is still writing or about to read stays.
+    """
     if is_remote(location):
-        s3.delete_prefix(location)
-    else:
+        s3.delete_prefix(location, older_than)
+    elif older_than is None:
         shutil.rmtree(location, ignore_errors=True)
+    elif Path(location).is_dir():
+        now = time.time()
+        for found in Path(location).iterdir():
+            with suppress(FileNotFoundError):
+                if found.is_file() and now - found.stat().st_mtime > older_than:
+                    found.unlink()
+        with suppress(OSError):  # not empty: another run's files are there
+            Path(location).rmdir()
 
 
 def fingerprint(path: Location) -> str:

@@ -72,3 +72,67 @@ def test_reprocess_decides_which_earlier_dates_run_again():
     assert to_run(days, earlier, "missing") == [days[1], days[2], days[4]]
     assert to_run(days, earlier, "failed") == [days[1], days[2]]
     assert to_run(days, earlier, "all") == days
+
+
+def test_a_run_in_flight_whose_process_is_gone_counts_as_crashed():
+    import os
+    import socket
+    import subprocess
+    import sys
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from prefect.states import Completed, Running
+
+    from featuresum.flows.backfill import process_gone
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, now = socket.gethostname(), datetime.now(UTC)
+
+    def run(pid, state=None, host=host, started=now):
+        return SimpleNamespace(state=state or Running(), infrastructure_pid=f"{host}:{pid}", start_time=started)
+
+    assert process_gone(run(ended.stdout.strip()))
+    assert not process_gone(run(os.getpid(), started=now))  # in flight
+    assert process_gone(run(os.getpid(), started=now.replace(year=2000)))  # the pid of a process started later
+    assert not process_gone(run(ended.stdout.strip(), host="elsewhere"))  # another host: cannot tell
+    assert not process_gone(run(ended.stdout.strip(), state=Completed()))
+    assert not process_gone(SimpleNamespace(state=Running(), infrastructure_pid=None, start_time=now))
+
+
+def test_a_backfill_killed_mid_date_reruns_that_date_when_repeated(cli, tmp_path):
+    import signal
+    import subprocess
+
+    from test_recovery import wait_for
+
+    command = ["backfill", "--from", DATES[0], "--to", DATES[1], *TINY, *folders(tmp_path, "artifacts")]
+    process = subprocess.Popen([cli.executable, *command], env=cli.env, cwd=tmp_path, stderr=subprocess.PIPE)
+    # Killed once the first date's model is training, with no word to the API: its run stays Running there.
+    wait_for(lambda: list((tmp_path / "artifacts").glob("model-*.partial.pt")), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    again = json.loads(cli(*command, "--json").stdout)
+    assert [(run["run_date"], run["state"]) for run in again["runs"]] == [(day, "Completed") for day in DATES[:2]]
+    repeated = json.loads(cli(*command, "--reprocess", "failed", "--json").stdout)
+    assert {run["state"] for run in repeated["runs"]} == {"Skipped"}
+
+
+def test_two_projects_with_relative_folders_on_one_server_keep_their_own_runs(cli, tmp_path):
+    import subprocess
+
+    for project in ("a", "b"):
+        (tmp_path / project).mkdir()
+
+    def featuresum(project, *args):
+        result = subprocess.run(
+            [cli.executable, *args], env=cli.env, cwd=tmp_path / project, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr
+        return result
+
+    featuresum("a", "run", *TINY, "--date", DATES[0])
+    filled = json.loads(featuresum("b", "backfill", "--from", DATES[0], "--to", DATES[0], *TINY, "--json").stdout)
+    assert [run["state"] for run in filled["runs"]] == ["Completed"]
+    assert [v.run_date for v in Registry(tmp_path / "b" / "artifacts").versions()] == [DATES[0]]

@@ -79,6 +79,8 @@ def test_changed_shard_layout_never_reuses_shards_of_another_layout(two_models, 
         score_flow(model=a, input=str(many_groups), output=str(output), shard_rows=300, **dirs)
     left = sorted(storage.parts_dir(output).glob("part-*.parquet"))
     assert len(left) == 3
+    for leftover in storage.parts_dir(output).iterdir():  # left over two hours ago: no run is coming back for them
+        os.utime(leftover, (leftover.stat().st_atime, leftover.stat().st_mtime - 7200))
 
     monkeypatch.setattr(storage, "iter_parquet_batches", real)
     summary = score_flow(model=a, input=str(many_groups), output=str(output), shard_rows=200, **dirs)
@@ -90,6 +92,34 @@ def test_changed_shard_layout_never_reuses_shards_of_another_layout(two_models, 
     same = score_flow(model=a, input=str(many_groups), output=str(output), shard_rows=300, **dirs)
     assert by_task(same, "write-predictions") == ["Cached"]
     assert predictions_of(output) == expected
+
+
+def test_a_run_into_the_same_output_never_deletes_the_shards_of_another_in_flight(two_models, tmp_path, monkeypatch):
+    a, b, batch, dirs = two_models
+    output, rows = str(tmp_path / "p.parquet"), str(tmp_path / "rows.parquet")
+    pq.write_table(pq.read_table(batch), rows, row_group_size=300)  # three shards of 300 rows
+    real = storage.iter_parquet_batches
+
+    def broken(paths):
+        raise InputError("combining failed on purpose")
+
+    # Run A has scored its shards and not yet combined them when run B, with another model, writes the output.
+    monkeypatch.setattr(storage, "iter_parquet_batches", broken)
+    with pytest.raises(InputError):
+        score_flow(model=a, input=rows, output=output, shard_rows=300, **dirs)
+    monkeypatch.setattr(storage, "iter_parquet_batches", real)
+    ours = sorted(path.name for path in storage.parts_dir(storage.Path(output)).iterdir())
+    assert len([name for name in ours if name.startswith("part-")]) == 3
+    expected_b = predictions_of(score_flow(model=b, input=rows, output=str(tmp_path / "ref-b.parquet"))["predictions"])
+    score_flow(model=b, input=rows, output=output, shard_rows=300, **dirs)
+    assert predictions_of(output) == expected_b
+    assert sorted(path.name for path in storage.parts_dir(storage.Path(output)).iterdir()) == ours
+
+    # A's shards are still there for A to combine.
+    again = score_flow(model=a, input=rows, output=output, shard_rows=300, **dirs)
+    assert by_task(again, "score-shard") == ["Cached"] * 3
+    assert predictions_of(output) != expected_b
+    assert not storage.parts_dir(storage.Path(output)).exists()
 
 
 @pytest.fixture

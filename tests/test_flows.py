@@ -81,12 +81,17 @@ def test_rerun_is_served_from_cache(first_run, tmp_path):
     }
 
 
-def test_refresh_recomputes_everything(first_run, tmp_path):
-    outputs = [storage.Path(first_run[key]) for key in ("checkpoint", "score_input", "predictions")]
+def test_refresh_recomputes_everything_but_a_registered_model(first_run, tmp_path):
+    outputs = [storage.Path(first_run[key]) for key in ("score_input", "predictions")]
     written = [path.stat().st_mtime_ns for path in outputs]
-    assert states(run_pipeline(tmp_path, refresh=True)) == ["Completed"] * 7
-    # Every file was written again, not found and reused.
+    model = storage.Path(first_run["checkpoint"])
+    weights, model_written = model.read_bytes(), model.stat().st_mtime_ns
+    again = run_pipeline(tmp_path, refresh=True)
+    assert states(again) == ["Cached"] + ["Completed"] * 6
+    # Every file was written again, not found and reused; the registered version's checkpoint is never rewritten.
     assert all(path.stat().st_mtime_ns > before for path, before in zip(outputs, written, strict=True))
+    assert (model.read_bytes(), model.stat().st_mtime_ns) == (weights, model_written)
+    assert again["model_version"] == 1
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])

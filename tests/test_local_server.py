@@ -230,3 +230,23 @@ def test_a_server_that_does_not_answer_in_time_is_ended_with_its_group(tmp_path)
         assert not (tmp_path / runtime.SERVER_STATE).exists()
     finally:
         runtime.stop_local_server(tmp_path)
+
+
+def test_a_server_that_loses_its_port_to_another_program_starts_on_another(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    with socket.socket() as taken:  # another program binds the port between our probe and the server's bind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        lost = taken.getsockname()[1]
+        ports = iter([lost])
+        real = runtime._free_port
+        monkeypatch.setattr(runtime, "_free_port", lambda default=True: next(ports, None) or real(default=False))
+        # By the time we look, the other program may have let go again: only the server's own error tells.
+        monkeypatch.setattr(runtime, "_port_is_free", lambda port: True)
+        try:
+            url = runtime.ensure_local_server(home, timeout=START_TIMEOUT)
+            assert url != f"http://127.0.0.1:{lost}/api" and runtime.is_healthy(url)
+            assert "address already in use" in (home / runtime.SERVER_LOG).read_text().lower()
+        finally:
+            runtime.stop_local_server(home)

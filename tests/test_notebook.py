@@ -1,6 +1,5 @@
 """The notebook API: `from featuresum import load_model, registry`, scoring DataFrames as the pipeline does."""
 
-import shutil
 import subprocess
 import sys
 
@@ -10,8 +9,8 @@ import pytest
 import torch
 
 from featuresum.tasks import data, scoring, storage
-from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint
-from featuresum.tasks.errors import InputError
+from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.notebook import REGISTRY_COLUMNS, load_model, registry
 from featuresum.tasks.registry import Registry
 
@@ -31,13 +30,15 @@ def shard():
 
 @pytest.fixture
 def artifacts(tmp_path, checkpoint):
-    """A registry with two versions of the session's checkpoint; version 2 (a copy) is the champion."""
+    """A registry with two versions of the session's weights; version 2 (saved again) is the champion."""
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    copy = shutil.copy(checkpoint, artifacts / "copy.pt")
+    copy = artifacts / "copy.pt"
+    save_checkpoint(copy, {**load_checkpoint(checkpoint), "saved_again": True})
     registry = Registry(artifacts)
     registry.register(str(checkpoint), storage.fingerprint(checkpoint), config={}, metrics={"val_accuracy": 0.5})
-    registry.register(str(copy), "copy", config={"epochs": 2}, metrics={"val_accuracy": 0.75}, run_date="2026-11-28")
+    second = {"config": {"epochs": 2}, "metrics": {"val_accuracy": 0.75}, "run_date": "2026-11-28"}
+    registry.register(str(copy), storage.fingerprint(copy), **second)
     registry.set_alias(2, "better")
     return artifacts
 
@@ -96,6 +97,12 @@ def test_load_by_version_and_by_champion(artifacts, checkpoint, shard):
     assert load_model(checkpoint, artifacts_dir=artifacts).version == 1
     frame = feature_frame(shard)
     pd.testing.assert_frame_equal(champion.predict(frame), first.predict(frame))
+
+
+def test_a_version_whose_checkpoint_changed_is_refused(artifacts, checkpoint):
+    save_checkpoint(artifacts / "copy.pt", {**load_checkpoint(checkpoint), "saved_again": "other bytes"})
+    with pytest.raises(EnvironmentFailure, match="no longer holds the weights it was recorded with"):
+        load_model("champion", artifacts_dir=artifacts)
 
 
 @pytest.mark.parametrize(

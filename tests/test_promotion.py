@@ -8,7 +8,7 @@ from test_flows import SMALL, run_pipeline
 
 from featuresum.flows.pipeline import score_flow, train_flow
 from featuresum.tasks import storage, training
-from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint
+from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from featuresum.tasks.errors import EnvironmentFailure
 from featuresum.tasks.registry import Registry
 
@@ -132,3 +132,17 @@ def test_a_champion_whose_checkpoint_is_gone_stops_the_gate_with_what_to_do(firs
         run_pipeline(tmp_path, seed=2)
     registry = Registry(tmp_path / "artifacts")
     assert registry.alias().version == 1
+
+
+def test_a_registered_checkpoint_holding_other_weights_is_never_used(first_run, tmp_path):
+    champion = storage.Path(first_run["checkpoint"])
+    retrained = load_checkpoint(champion)
+    retrained["model"] = {name: weights + 0.01 for name, weights in retrained["model"].items()}
+    save_checkpoint(champion, retrained)  # as a retraining that is not bit-identical would have written it
+
+    with pytest.raises(EnvironmentFailure, match="no longer holds its registered weights"):
+        run_pipeline(tmp_path, seed=3)
+    scoring = {"samples": 50, "run_date": SMALL["run_date"], "artifacts_dir": str(tmp_path / "artifacts")}
+    with pytest.raises(EnvironmentFailure, match="of model version 1 no longer holds its registered weights"):
+        score_flow(model=str(champion), **scoring)
+    assert Registry(tmp_path / "artifacts").alias().version == 1

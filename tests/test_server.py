@@ -398,6 +398,14 @@ def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, served)
     again = json.loads(run_command("featuresum", *command, "--json", env=server.client_env, cwd=work).stdout)
     assert [run["state"] for run in again["runs"]] == ["Skipped", "Skipped"]
     assert [run["flow_run_id"] for run in again["runs"]] == [run["flow_run_id"] for run in backfilled["runs"]]
+
+    # Every date once more; repeated (after an interruption, say), that finds its runs instead of adding more.
+    every = [*command, "--reprocess", "all", "--json"]
+    rerun = json.loads(run_command("featuresum", *every, env=server.client_env, cwd=work).stdout)
+    assert [run["state"] for run in rerun["runs"]] == ["Completed", "Completed"]
+    assert not {run["flow_run_id"] for run in rerun["runs"]} & {run["flow_run_id"] for run in backfilled["runs"]}
+    repeated = json.loads(run_command("featuresum", *every, env=server.client_env, cwd=work).stdout)
+    assert [run["flow_run_id"] for run in repeated["runs"]] == [run["flow_run_id"] for run in rerun["runs"]]
     assert process.poll() is None
 
 

@@ -113,9 +113,9 @@ def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple
     """Run a served deployment once per date, one at a time, oldest first; yields (date, flow run, skipped).
 
     Each run is created with an idempotency key per deployment, its parameters, the date and the
-    number of earlier failed runs of the date (with `all`: one run per date and parameters), so
-    repeating the command (after an interruption, say) finds the runs it already created instead of
-    creating new ones, while a date whose run failed gets a new run.
+    number of earlier failed runs of the date (with `all`, a key of its own), so repeating the command
+    (after an interruption, say) finds the runs it already created instead of creating new ones, while
+    a date whose run failed gets a new run.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -143,11 +143,9 @@ def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple
         if day not in pending:
             yield day, latest.get(day.isoformat()), True
             continue
-        runs = earlier.get(day.isoformat(), [])
-        if reprocess == "all":
-            attempt = "all"
-        else:  # a run still in flight keeps its key; a failed one makes way for a new run
-            attempt = str(sum(run.state.is_final() and not run.state.is_completed() for run in runs))
+        # A run still in flight (or done) keeps its key; a failed one makes way for a new run.
+        failed = sum(run.state.is_final() and not run.state.is_completed() for run in earlier.get(day.isoformat(), []))
+        attempt = f"all-{failed}" if reprocess == "all" else str(failed)
         key = f"featuresum-backfill/{deployment.id}/{spec_key(deployment.parameters)[:16]}/{day}/{attempt}"
         run = run_deployment(
             name, parameters={"run_date": day.isoformat()}, idempotency_key=key, tags=["backfill"], timeout=None,

@@ -593,7 +593,7 @@ def backfill(
         str | None,
         typer.Option(
             help="Create the runs on this served deployment (flow/name) instead, one at a time, with its own "
-            "parameters and each date's run_date; repeating the command creates no duplicate runs."
+            "parameters and each date's run_date; repeating an interrupted command finds the runs it created."
         ),
     ] = None,
     preset: PresetOpt = Preset.default,

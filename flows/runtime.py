@@ -369,11 +369,11 @@ def _discard(home: Path, pid: int) -> None:
 
 
 def _lost_its_port(log: Path, since: int) -> bool:
-    """Whether the server's log, from byte `since` on, says that its port was taken (its own bind error)."""
+    """Whether the server's log, from byte `since` on, says that its port was taken (its own words)."""
     try:
         with log.open("rb") as file:
             file.seek(since)
-            return b"address already in use" in file.read().lower()
+            return b"already in use" in file.read().lower()  # prefect's own check, or the bind's error
     except OSError:
         return False
 

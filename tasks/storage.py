@@ -325,7 +325,7 @@ def remove_tree(location: Location, older_than: float | None = None) -> None:
 
 
 def fingerprint(path: Location) -> str:
-    """SHA-256 digest of a file's content (hardware-accelerated on current CPUs: about 1.7 GB/s here)."""
+    """SHA-256 digest of a file's content."""
     if is_remote(path):
         digest = hashlib.sha256()
         # Each read is one ranged GET: large ones, so a big object costs few requests.
@@ -345,7 +345,7 @@ def manifest_path(path: Location) -> Location:
 def identity(path: Location) -> dict[str, Any]:
     """What changes whenever a file is rewritten, replaced or touched: size, times and inode (size and ETag).
 
-    An object's ETag changes with every write to its key, even of the same bytes in another way.
+    An object's ETag changes whenever its bytes do (and may for the same bytes uploaded in other parts).
     """
     if is_remote(path):
         if (found := s3.head(path)) is None:

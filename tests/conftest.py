@@ -24,6 +24,8 @@ SUITE_HOME = Path(tempfile.mkdtemp(prefix="featuresum-tests-"))
 atexit.register(shutil.rmtree, SUITE_HOME, ignore_errors=True)  # in every process that imports this file
 os.environ["PREFECT_HOME"] = str(SUITE_HOME / "prefect-home")
 
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -166,17 +168,75 @@ def small_run_args(tmp: Path, *extra: str) -> list[str]:
     return ["run", *SMALL, "--data-dir", str(tmp / "data"), "--artifacts-dir", str(tmp / "artifacts"), *extra]
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
+def train_checkpoint(path: Path, seed: int) -> Path:
     """A real (briefly trained) checkpoint, made with the plain training code."""
-    config = training.TrainConfig(epochs=1, batch_size=256, seed=0)
-    shard = data.generate_shard(0, "train", 0, 2000)
+    config = training.TrainConfig(epochs=1, batch_size=256, seed=seed)
+    shard = data.generate_shard(seed, "train", 0, 2000)
     x, y = shard.features.T.contiguous(), shard.label
     state = training.new_training_state(config, 8, torch.device("cpu"))
     training.fit(state, (x, y), (x[:200], y[:200]), config)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
     save_checkpoint(path, training.to_checkpoint(state, config, {"metrics": {}}))
     return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A real (briefly trained) checkpoint."""
+    return train_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", seed=0)
+
+
+def score_at_once_into_one_output(cli, models, rows, local_rows, output, artifacts_dir):
+    """`featuresum score` with each model into one `--output`, all at the same time, and what must hold:
+    each command ends with its own model's numbers (in --json and the monitoring history) or one error
+    line, at least one succeeds, and the output holds one model's predictions whole."""
+    from featuresum.tasks import monitoring, scoring, storage
+    from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint
+
+    expected = {}
+    for model in models:
+        summary = scoring.ScoreSummary()
+        network = model_from_checkpoint(load_checkpoint(model), torch.device("cpu"))
+        predictions = scoring.score_batches(
+            network, storage.iter_feature_batches(local_rows), torch.device("cpu"), summary
+        )
+        table = pa.Table.from_batches(list(predictions))
+        confidence = float(table.column("confidence").to_numpy().astype("float64").mean())
+        expected[str(model)] = (summary.accuracy, table.column("predicted_class").to_pylist(), confidence)
+    common = ["--input", str(rows), "--output", str(output), "--artifacts-dir", str(artifacts_dir)]
+    common += ["--shard-rows", "500"]
+    processes = [
+        subprocess.Popen(
+            [cli.executable, "score", "--model", str(model), *common, "--json"],
+            env=cli.env,
+            cwd=cli.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for model in models
+    ]
+    succeeded, ours = 0, {}
+    for model, process in zip(models, processes, strict=True):
+        stdout, stderr = process.communicate(timeout=600)
+        assert "Traceback" not in stderr, stderr
+        if process.returncode != 0:
+            assert process.returncode == 1, stderr
+            assert [line for line in stderr.splitlines() if line.startswith("featuresum: error:")] == [
+                stderr.strip().splitlines()[-1]
+            ], stderr
+            continue
+        succeeded += 1
+        summary = json.loads(stdout)
+        assert summary["metrics"]["score_accuracy"] == pytest.approx(expected[str(model)][0])
+        ours[summary["flow_run_id"]] = (expected[str(model)][0], expected[str(model)][2])
+    assert succeeded >= 1
+    # The history's figures read from the predictions file are those of the run's own model.
+    history = monitoring.read_history(artifacts_dir)
+    recorded = {row["flow_run_id"]: (row["accuracy"], row["mean_confidence"]) for row in history}
+    for run, (accuracy, confidence) in ours.items():
+        assert recorded[run][0] == pytest.approx(accuracy) and recorded[run][1] == pytest.approx(confidence, rel=1e-5)
+    written = pq.ParquetFile(storage.open_input(storage.at(str(output)))).read().column("predicted_class").to_pylist()
+    assert written in [classes for _, classes, _ in expected.values()]
 
 
 @pytest.fixture(scope="session")

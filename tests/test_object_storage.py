@@ -246,3 +246,19 @@ def test_an_unreachable_store_ends_in_one_line_with_exit_code_1(tmp_path):
     command = [str(BIN / "featuresum"), "run", "--data-dir", "s3://bucket-1/data"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     one_error_line(result, "the object store failed", endpoint, code=1)
+
+
+def test_two_scores_into_one_object_with_other_models_give_each_its_own_numbers(on_store, cli, checkpoint, tmp_path):
+    from conftest import score_at_once_into_one_output, train_checkpoint
+
+    bucket = on_store.bucket("race")
+    features_file(tmp_path / "rows.parquet", 3000, 3, 500)
+    storage.write_bytes(f"{bucket}/in/rows.parquet", (tmp_path / "rows.parquet").read_bytes())
+    models = []
+    for name, local in (("a", checkpoint), ("b", train_checkpoint(tmp_path / "other.pt", seed=1))):
+        storage.write_bytes(f"{bucket}/models/{name}.pt", Path(local).read_bytes())
+        models.append(f"{bucket}/models/{name}.pt")
+    output, artifacts = f"{bucket}/out/p.parquet", f"{bucket}/artifacts"
+    score_at_once_into_one_output(
+        cli, models, f"{bucket}/in/rows.parquet", tmp_path / "rows.parquet", output, artifacts
+    )

@@ -124,6 +124,10 @@ def test_a_moved_artifacts_folder_keeps_its_champion_and_gate(first_run, tmp_pat
     assert kept_out["registry"]["promoted"] is False and kept_out["registry"]["champion_accuracy"] is not None
     assert registry.alias().version == 1
     assert kept_out["scored_with"] == registry.alias().checkpoint
+    # As `score --model champion --artifacts-dir moved/artifacts` resolves it.
+    scored = score_flow(model=registry.resolve("champion").checkpoint, input=kept_out["score_input"],
+                        output=str(tmp_path / "again.parquet"), artifacts_dir=str(moved / "artifacts"))  # fmt: skip
+    assert scored["model_version"] == 1
 
 
 def test_a_champion_whose_checkpoint_is_gone_stops_the_gate_with_what_to_do(first_run, tmp_path):

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,7 +18,7 @@ from test_flows import SMALL
 
 from featuresum.flows import runtime
 from featuresum.flows.pipeline import pipeline_flow, score_flow
-from featuresum.tasks import storage
+from featuresum.tasks import data, storage
 from featuresum.tasks.checkpoint import load_checkpoint
 from featuresum.tasks.registry import Registry
 
@@ -301,3 +302,13 @@ def test_three_runs_for_different_dates_at_once_all_register(cli, tmp_path):
     assert registry.alias().version in {1, 2, 3}
     history = registry.history()
     assert [change.previous for change in history] == [None, *[change.version for change in history[:-1]]]
+
+
+def test_two_scores_into_one_output_with_other_models_give_each_its_own_numbers(cli, checkpoint, tmp_path):
+    from conftest import score_at_once_into_one_output, train_checkpoint
+
+    rows = tmp_path / "rows.parquet"
+    batches = [storage.shard_to_batch(shard) for shard in data.generate_dataset(3, "score", 3000)]
+    pq.write_table(pa.Table.from_batches(batches), rows, row_group_size=500)
+    models = [checkpoint, train_checkpoint(tmp_path / "other.pt", seed=1)]
+    score_at_once_into_one_output(cli, models, rows, rows, tmp_path / "p.parquet", tmp_path / "artifacts")

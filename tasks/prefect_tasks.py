@@ -11,6 +11,7 @@ cached run never loads it (about 1.2 s of a rerun's few seconds).
 import errno
 from dataclasses import asdict, dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -350,7 +351,9 @@ def _remove_parts(path: storage.Location, shards: list[dict[str, Any]] | None) -
         storage.remove(storage.manifest_path(location))
         if not storage.is_remote(location):
             storage.remove(storage.lock_path(location))
-    storage.remove_tree(storage.parts_dir(path), older_than=storage.LEFTOVER_AGE_SECONDS)
+    # Ages are measured against the predictions file just written: file times against file times.
+    now = None if storage.is_remote(path) else Path(path).stat().st_mtime
+    storage.remove_tree(storage.parts_dir(path), older_than=storage.LEFTOVER_AGE_SECONDS, now=now)
 
 
 @file_task(task_run_name="write-predictions")

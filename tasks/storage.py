@@ -304,18 +304,19 @@ def remove(location: Location) -> None:
         Path(location).unlink(missing_ok=True)
 
 
-def remove_tree(location: Location, older_than: float | None = None) -> None:
+def remove_tree(location: Location, older_than: float | None = None, now: float | None = None) -> None:
     """Delete a folder (or every object under a key prefix) if it is there.
 
-    With `older_than` (seconds), only what was last written longer ago than that goes, and the folder
-    itself only once it is empty: what a live run is still writing or about to read stays.
+    With `older_than` (seconds), only what was last written longer ago than that before `now` (a
+    file time, by default the clock's) goes, and the folder itself only once it is empty: what a
+    live run is still writing or about to read stays.
     """
     if is_remote(location):
         s3.delete_prefix(location, older_than)
     elif older_than is None:
         shutil.rmtree(location, ignore_errors=True)
     elif Path(location).is_dir():
-        now = time.time()
+        now = time.time() if now is None else now
         for found in Path(location).iterdir():
             with suppress(FileNotFoundError):
                 if found.is_file() and now - found.stat().st_mtime > older_than:

@@ -155,7 +155,9 @@ def export(
 ) -> None:
     """Write a version's weights as a plain state_dict, which the original script's SimpleNN loads."""
     from featuresum.tasks.portable import export_state_dict
+    from featuresum.tasks.registry import refuse_managed_output
 
+    refuse_managed_output(output, artifacts_dir, checkpoints=False)  # a state_dict may be called model.pt
     version = _registry(artifacts_dir).resolve(reference)
-    export_state_dict(version.checkpoint, output)
+    export_state_dict(version.checkpoint, output, version.fingerprint)
     print(f"version {version.version} written to {output}: SimpleNN().load_state_dict(torch.load(path)) loads it")

@@ -28,7 +28,7 @@ from featuresum.tasks.prefect_tasks import (
     train_model,
     write_predictions,
 )
-from featuresum.tasks.registry import REGISTRY_FILE, Registry
+from featuresum.tasks.registry import Registry, refuse_managed_output
 from featuresum.tasks.settings import TrainConfig, resolve_device
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -278,9 +278,16 @@ def _train(
         "init": _initial_weights(init, window.day, artifacts_dir),
     }
     path = storage.output_path(storage.resolve(artifacts_dir), "model", parameters, ".pt")
-    if refresh and (kept := Registry(storage.resolve(artifacts_dir)).at_checkpoint(path)):
-        get_run_logger().info("%s is model version %d, and a registered version is never retrained over", path, kept)
-        refresh = False
+    if (kept := Registry(storage.resolve(artifacts_dir)).at_checkpoint(path)) and storage.exists(path):
+        if storage.fingerprint(path) not in {version.fingerprint for version in kept}:
+            raise EnvironmentFailure(
+                f"{path}: the checkpoint of model version {kept[-1].version} no longer holds its registered"
+                " weights, and a registered version is never trained over: restore the file, or delete it"
+                " to train it again"
+            )
+        if refresh:
+            get_run_logger().info("%s is model version %d: reused, never retrained over", path, kept[-1].version)
+            refresh = False
     model = _run_cached(train_model, path, refresh, states, **parameters)
     folder = storage.parent(storage.parent(train[-1]["path"]))
     dataset = {"path": str(folder), "rows": sum(part["rows"] for part in train)}
@@ -288,16 +295,21 @@ def _train(
 
 
 def _initial_weights(init: str, day: date, artifacts_dir: str) -> dict[str, str] | None:
-    """The checkpoint to start from with init="champion": the latest champion trained before `day`.
+    """The checkpoint to start from with init="champion": the champion as it stood for `day`.
 
-    Not simply the champion now: after this date's challenger is promoted, a rerun of the date
+    That is the latest champion trained before `day`, as the alias history stood when the date's
+    first version was registered (now, for a date run for the first time). Not simply the champion
+    now: after this date's challenger is promoted, or another version by hand, a rerun of the date
     must start from the same weights as the first run did, so that it finds its model cached.
     None from scratch, or when there is no such champion yet.
     """
     if init == "scratch":
         return None
     registry = Registry(storage.resolve(artifacts_dir))
+    first = min((v.created for v in registry.versions() if v.run_date == day.isoformat()), default=None)
     for change in reversed(registry.history()):
+        if first is not None and change.changed > first:
+            continue
         champion = registry.get(change.version)
         if (champion.run_date or "") < day.isoformat() and storage.exists(champion.checkpoint):
             return {"path": champion.checkpoint, "fingerprint": champion.fingerprint}
@@ -410,27 +422,6 @@ def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:
             raise InputError(f"{output}: the output would overwrite an input of this run; choose another --output")
 
 
-def _refuse_managed_output(output: str | None, data_dir: str, artifacts_dir: str) -> None:
-    """An output over a file featuresum keeps (the registry, the monitoring history, a registered checkpoint,
-    the data folder's partitions, a shard folder) would destroy it: refuse before anything runs."""
-    if output is None:
-        return
-    target = str(storage.resolve(output))
-    artifacts = storage.resolve(artifacts_dir)
-    kept = {str(storage.join(artifacts, name)): name for name in (REGISTRY_FILE, monitoring.HISTORY_FILE)}
-    kept |= {version.checkpoint: f"model version {version.version}" for version in Registry(artifacts).versions()}
-    data = f"{str(storage.resolve(data_dir)).rstrip('/')}/"
-    if target in kept:
-        what = kept[target]
-    elif target.startswith(data):
-        what = "the data folder"
-    elif any(part.endswith(".parts") for part in target.split("/")[:-1]):
-        what = "a shard folder"
-    else:
-        return
-    raise InputError(f"{output}: featuresum keeps {what} there; choose another --output")
-
-
 def _begin(run_date: str | None, data_dir: str, artifacts_dir: str) -> date:
     """What every flow does first: find its date, tag the run with it, sweep leftovers, place task results."""
     RESULTS.set(result_storage(artifacts_dir))
@@ -493,17 +484,18 @@ def score_flow(
     """Score a Parquet file, or the synthetic batch of `samples` rows of the run date, with a checkpoint; monitor it."""
     states = _task_runs()
     _refuse_overwriting_inputs(output, model, input)
-    _refuse_managed_output(output, data_dir, artifacts_dir)
+    refuse_managed_output(output, artifacts_dir, data_dir)
     monitoring.check_thresholds(drift_warn, drift_alert)
     day = _begin(run_date, data_dir, artifacts_dir)
     fingerprint = fingerprint_input.with_options(refresh_cache=refresh)
     checkpoint = _call(fingerprint, states, path=str(storage.resolve(model)))
     registry = Registry(storage.resolve(artifacts_dir))
     registered = registry.find(checkpoint["fingerprint"])
-    if registered is None and (claimed := registry.at_checkpoint(checkpoint["path"])):
+    claimed = registry.at_checkpoint(checkpoint["path"])
+    if claimed and checkpoint["fingerprint"] not in {version.fingerprint for version in claimed}:
         raise EnvironmentFailure(
-            f"{model}: the checkpoint of model version {claimed} no longer holds its registered weights: restore"
-            " the file, or score with another version"
+            f"{model}: the checkpoint of model version {claimed[-1].version} no longer holds its registered"
+            " weights: restore the file, or score with another version"
         )
     if input is not None:
         features = _call(fingerprint, states, path=str(storage.resolve(input)))

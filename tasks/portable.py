@@ -228,13 +228,18 @@ def import_state_dict(
     return Imported(version, already_registered=False)
 
 
-def export_state_dict(checkpoint_path: storage.Location, output: storage.Location) -> None:
-    """Write a checkpoint's weights to `output` as a plain state_dict (fc1, fc2 on the CPU), atomically."""
+def export_state_dict(
+    checkpoint_path: storage.Location, output: storage.Location, fingerprint: str | None = None
+) -> None:
+    """Write a checkpoint's weights to `output` as a plain state_dict (fc1, fc2 on the CPU), atomically.
+
+    With `fingerprint` (a registered version's), other bytes at `checkpoint_path` are refused.
+    """
     if not storage.is_remote(output) and Path(output).is_dir():
         raise InputError(f"{output}: is a directory; give a file name such as model.pth")
     if storage.resolve(output) == storage.resolve(checkpoint_path):
         raise InputError(f"{output}: is the checkpoint being exported; choose another file")
-    weights = check_state_dict(load_checkpoint(checkpoint_path)["model"], checkpoint_path)
+    weights = check_state_dict(load_checkpoint(checkpoint_path, fingerprint)["model"], checkpoint_path)
     # Serialised in memory first: torch reports a failed file write as a RuntimeError without its errno.
     buffer = io.BytesIO()
     torch.save(weights, buffer)

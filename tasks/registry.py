@@ -179,6 +179,40 @@ def _move_alias(
     return change
 
 
+def refuse_managed_output(
+    output: storage.Location | None,
+    artifacts_dir: storage.Location,
+    data_dir: storage.Location | None = None,
+    checkpoints: bool = True,
+) -> None:
+    """InputError when `output` would overwrite what featuresum keeps: a registry or a monitoring history
+    (of any folder, by name), a registered version's checkpoint, any checkpoint (`*.pt`, unless
+    `checkpoints` is False), anything in the data folder, or a shard folder. Checked before anything is written."""
+    from featuresum.tasks.monitoring import HISTORY_FILE
+
+    if output is None:
+        return
+    target = str(storage.resolve(output))
+    name = storage.name_of(target)
+    registered = {v.checkpoint: v.version for v in Registry(artifacts_dir).versions()}
+    data = f"{str(storage.resolve(data_dir)).rstrip('/')}/" if data_dir is not None else None
+    if name.startswith(REGISTRY_FILE):
+        what = "a model registry"
+    elif name == HISTORY_FILE:
+        what = "a monitoring history"
+    elif target in registered:
+        what = f"model version {registered[target]}"
+    elif checkpoints and name.endswith(".pt"):
+        what = "checkpoints (*.pt)"
+    elif data is not None and target.startswith(data):
+        what = "the data folder"
+    elif any(part.endswith(".parts") for part in target.split("/")[:-1]):
+        what = "a shard folder"
+    else:
+        return
+    raise InputError(f"{output}: featuresum keeps {what} there; choose another --output")
+
+
 def _span(numbers: list[int]) -> str:
     if not numbers:
         return "no versions yet: train a model first"
@@ -364,10 +398,9 @@ class Registry:
         with self._read() as conn:
             return None if conn is None else self._select_version(conn, "fingerprint", fingerprint)
 
-    def at_checkpoint(self, checkpoint: storage.Location) -> int | None:
-        """The latest version registered with this checkpoint location, if any."""
-        found = [v.version for v in self.versions() if v.checkpoint == str(checkpoint)]
-        return found[-1] if found else None
+    def at_checkpoint(self, checkpoint: storage.Location) -> list[Version]:
+        """The versions registered with this checkpoint location (one, unless its file was lost and retrained)."""
+        return [v for v in self.versions() if v.checkpoint == str(checkpoint)]
 
     def alias(self, name: str = "champion") -> Version | None:
         """The version an alias points at, or None when the alias was never set."""

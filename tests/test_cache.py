@@ -166,7 +166,7 @@ def test_an_output_that_is_an_input_is_refused(first_run, tmp_path):
 
 def test_an_output_over_a_file_featuresum_keeps_is_refused_and_leaves_it_intact(first_run, tmp_path):
     artifacts = tmp_path / "artifacts"
-    partition = next((tmp_path / "data").rglob("*.parquet"))
+    partition = next((tmp_path / "data").glob("train-*/date=*/*.parquet"))
     parts = artifacts / "p.parquet.parts" / "part-00000.parquet"
     dirs = {"data_dir": str(tmp_path / "data"), "artifacts_dir": str(artifacts)}
     model = shutil.copy(first_run["checkpoint"], tmp_path / "copy.pt")  # so the registered one is no input
@@ -176,6 +176,12 @@ def test_an_output_over_a_file_featuresum_keeps_is_refused_and_leaves_it_intact(
         with pytest.raises(InputError, match="featuresum keeps .* there; choose another --output"):
             score_flow(model=str(model), input=first_run["score_input"], output=str(managed), **dirs)
         assert storage.Path(managed).read_bytes() == before
+    # Another project's registry or history, a journal of ours, any checkpoint: refused by name.
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("registry.sqlite", "monitoring.parquet", "x.pt", "../artifacts/registry.sqlite-journal"):
+        with pytest.raises(InputError, match="featuresum keeps"):
+            score_flow(model=str(model), input=first_run["score_input"], output=str(elsewhere / name), **dirs)
+    assert not elsewhere.exists()
     with pytest.raises(InputError, match="a shard folder"):
         score_flow(model=str(model), input=first_run["score_input"], output=str(parts), **dirs)
     assert not parts.exists()

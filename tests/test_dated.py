@@ -80,3 +80,16 @@ def test_init_champion_starts_from_the_champions_weights(prefect, tmp_path):
     assert again["checkpoint"] == warm["checkpoint"]
     cached = {state for name, state in states(again).items() if name != "evaluate-model" and "monitor-" not in name}
     assert cached == {"Cached"}
+
+
+def test_init_champion_reruns_from_the_champion_as_it_stood_even_after_a_promotion_by_hand(prefect, tmp_path):
+    strict = {"window_days": 1, "init": "champion", "min_improvement": 1.0}  # later challengers stay out
+    run_on(tmp_path, "2026-05-10", **strict)
+    second = run_on(tmp_path, "2026-05-11", **strict)
+    third = run_on(tmp_path, "2026-05-12", **strict)
+    registry = Registry(tmp_path / "artifacts")
+    registry.set_alias(second["model_version"], "promoted by hand")  # as `featuresum models promote 2` does
+    again = run_on(tmp_path, "2026-05-12", **strict)
+    assert again["checkpoint"] == third["checkpoint"] and again["model_version"] == third["model_version"]
+    assert by_task(again, "train-model") == ["Cached"]
+    assert len(registry.versions()) == 3

@@ -13,7 +13,7 @@ import torch
 from test_cli_errors import featuresum, one_error_line
 
 from featuresum.tasks import data, storage
-from featuresum.tasks.checkpoint import load_checkpoint
+from featuresum.tasks.checkpoint import load_checkpoint, save_checkpoint
 from featuresum.tasks.notebook import load_model
 from featuresum.tasks.registry import Registry
 
@@ -290,3 +290,25 @@ def test_export_errors_are_one_line(capsys, tmp_path, model_pth, reference, outp
         capsys, "models", "export", reference, "--output", str(tmp_path / output), "--artifacts-dir", str(artifacts)
     )
     one_error_line(code, lines, 2, fragment)
+
+
+def test_export_never_writes_over_what_featuresum_keeps_nor_exports_changed_weights(capsys, tmp_path, checkpoint):
+    artifacts = tmp_path / "artifacts"
+    kept = artifacts / "model-1.pt"
+    kept.parent.mkdir()
+    shutil.copy(checkpoint, kept)
+    registry = Registry(artifacts)
+    registry.register(str(kept), storage.fingerprint(kept), config={}, metrics={})
+    folders = ["--artifacts-dir", str(artifacts)]
+    for output in (artifacts / "registry.sqlite", artifacts / "monitoring.parquet", kept):
+        before = output.read_bytes() if output.exists() else None
+        code, _, lines = featuresum(capsys, "models", "export", "1", "--output", str(output), *folders)
+        one_error_line(code, lines, 2, "featuresum keeps")
+        assert (output.read_bytes() if output.exists() else None) == before
+
+    changed = load_checkpoint(kept)
+    changed["model"] = {name: weights + 0.01 for name, weights in changed["model"].items()}
+    save_checkpoint(kept, changed)
+    code, _, lines = featuresum(capsys, "models", "export", "1", "--output", str(tmp_path / "out.pth"), *folders)
+    one_error_line(code, lines, 1, "no longer holds the weights it was recorded with")
+    assert not (tmp_path / "out.pth").exists()

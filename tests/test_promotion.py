@@ -149,4 +149,17 @@ def test_a_registered_checkpoint_holding_other_weights_is_never_used(first_run, 
     scoring = {"samples": 50, "run_date": SMALL["run_date"], "artifacts_dir": str(tmp_path / "artifacts")}
     with pytest.raises(EnvironmentFailure, match="of model version 1 no longer holds its registered weights"):
         score_flow(model=str(champion), **scoring)
+    with pytest.raises(EnvironmentFailure, match="a registered version is never trained over"):
+        run_pipeline(tmp_path, refresh=True)  # the date and options that trained version 1
     assert Registry(tmp_path / "artifacts").alias().version == 1
+
+
+def test_a_checkpoint_holding_another_versions_weights_is_never_used_as_its_own(first_run, tmp_path):
+    other = run_pipeline(tmp_path, seed=2, min_improvement=1.0)
+    champion = storage.Path(first_run["checkpoint"])
+    champion.write_bytes(storage.Path(other["checkpoint"]).read_bytes())  # version 2's weights in version 1's file
+    scoring = {"samples": 50, "run_date": SMALL["run_date"], "artifacts_dir": str(tmp_path / "artifacts")}
+    with pytest.raises(EnvironmentFailure, match="of model version 1 no longer holds its registered weights"):
+        score_flow(model=str(champion), **scoring)
+    with pytest.raises(EnvironmentFailure, match="no longer holds its registered weights"):
+        run_pipeline(tmp_path, seed=3)

@@ -525,15 +525,18 @@ def score(
     _drift_levels(drift_warn, drift_alert)
     from featuresum.tasks import storage
     from featuresum.tasks.checkpoint import load_checkpoint
-    from featuresum.tasks.registry import Registry
+    from featuresum.tasks.registry import Registry, changed_weights
 
     if (input is None) == (samples is None):
         raise typer.BadParameter("give exactly one of --input PARQUET or --samples N")
     # Buckets of the inputs first, so a wrong bucket or credentials is said before a file is read;
     # the folders this run writes to are prepared below, once the options are known to be sound.
     prepare_folders(*{storage.parent(given) for given in (model, input) if given and storage.is_remote(given)})
+    registry = Registry(artifacts_dir)
     if (model == "champion" or model.isdigit()) and not storage.exists(model):
-        model = str(Registry(artifacts_dir).resolve(model).checkpoint)
+        model = str(registry.resolve(model).checkpoint)
+    if storage.exists(model) and (changed := registry.changed_at(storage.resolve(model), storage.fingerprint(model))):
+        raise EnvironmentFailure(changed_weights(model, changed.version))
     for given in filter(None, (input, model)):
         if output is not None and storage.resolve(output) == storage.resolve(given):
             raise typer.BadParameter(

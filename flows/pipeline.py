@@ -28,7 +28,7 @@ from featuresum.tasks.prefect_tasks import (
     train_model,
     write_predictions,
 )
-from featuresum.tasks.registry import Registry, refuse_managed_output
+from featuresum.tasks.registry import Registry, changed_weights, refuse_managed_output
 from featuresum.tasks.settings import TrainConfig, resolve_device
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -491,12 +491,8 @@ def score_flow(
     checkpoint = _call(fingerprint, states, path=str(storage.resolve(model)))
     registry = Registry(storage.resolve(artifacts_dir))
     registered = registry.find(checkpoint["fingerprint"])
-    claimed = registry.at_checkpoint(checkpoint["path"])
-    if claimed and checkpoint["fingerprint"] not in {version.fingerprint for version in claimed}:
-        raise EnvironmentFailure(
-            f"{model}: the checkpoint of model version {claimed[-1].version} no longer holds its registered"
-            " weights: restore the file, or score with another version"
-        )
+    if changed := registry.changed_at(checkpoint["path"], checkpoint["fingerprint"]):
+        raise EnvironmentFailure(changed_weights(model, changed.version))
     if input is not None:
         features = _call(fingerprint, states, path=str(storage.resolve(input)))
     else:

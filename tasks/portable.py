@@ -228,6 +228,14 @@ def import_state_dict(
     return Imported(version, already_registered=False)
 
 
+def _is_checkpoint(path: storage.Location) -> bool:
+    try:
+        load_checkpoint(path)
+    except InputError:
+        return False
+    return True
+
+
 def export_state_dict(
     checkpoint_path: storage.Location, output: storage.Location, fingerprint: str | None = None
 ) -> None:
@@ -239,6 +247,8 @@ def export_state_dict(
         raise InputError(f"{output}: is a directory; give a file name such as model.pth")
     if storage.resolve(output) == storage.resolve(checkpoint_path):
         raise InputError(f"{output}: is the checkpoint being exported; choose another file")
+    if storage.exists(output) and _is_checkpoint(output):  # another project's version, say
+        raise InputError(f"{output}: is a featuresum checkpoint, which export never writes over; choose another file")
     weights = check_state_dict(load_checkpoint(checkpoint_path, fingerprint)["model"], checkpoint_path)
     # Serialised in memory first: torch reports a failed file write as a RuntimeError without its errno.
     buffer = io.BytesIO()

@@ -179,6 +179,14 @@ def _move_alias(
     return change
 
 
+def changed_weights(model: str, version: int) -> str:
+    """The message for a registered version's checkpoint that holds other bytes than its own."""
+    return (
+        f"{model}: the checkpoint of model version {version} no longer holds its registered weights: restore"
+        " the file, or score with another version"
+    )
+
+
 def refuse_managed_output(
     output: storage.Location | None,
     artifacts_dir: storage.Location,
@@ -356,6 +364,11 @@ class Registry:
 
         def add(conn: sqlite3.Connection) -> Version:
             existing = self._select_version(conn, "fingerprint", fingerprint)
+            if existing is not None and not storage.exists(existing.checkpoint) and storage.exists(checkpoint):
+                # Its very weights, written again elsewhere (a moved folder retrains under another name).
+                stored = _stored(self._folder, str(checkpoint))
+                conn.execute("UPDATE versions SET checkpoint = ? WHERE version = ?", (stored, existing.version))
+                return self._select_version(conn, "fingerprint", fingerprint)
             if existing is not None:
                 return existing
             conn.execute(
@@ -397,6 +410,11 @@ class Registry:
         """The version registered with this checkpoint fingerprint, if any."""
         with self._read() as conn:
             return None if conn is None else self._select_version(conn, "fingerprint", fingerprint)
+
+    def changed_at(self, checkpoint: storage.Location, fingerprint: str) -> Version | None:
+        """The version registered at this location when the bytes there (`fingerprint`) are none of its own."""
+        kept = self.at_checkpoint(checkpoint)
+        return kept[-1] if kept and fingerprint not in {version.fingerprint for version in kept} else None
 
     def at_checkpoint(self, checkpoint: storage.Location) -> list[Version]:
         """The versions registered with this checkpoint location (one, unless its file was lost and retrained)."""

@@ -306,9 +306,19 @@ def test_export_never_writes_over_what_featuresum_keeps_nor_exports_changed_weig
         one_error_line(code, lines, 2, "featuresum keeps")
         assert (output.read_bytes() if output.exists() else None) == before
 
+    # Another project's checkpoint, by any name, is not overwritten either.
+    neighbour = shutil.copy(checkpoint, tmp_path / "neighbour.pth")
+    code, _, lines = featuresum(capsys, "models", "export", "1", "--output", str(neighbour), *folders)
+    one_error_line(code, lines, 2, "is a featuresum checkpoint")
+    assert Path(neighbour).read_bytes() == checkpoint.read_bytes()
+
     changed = load_checkpoint(kept)
     changed["model"] = {name: weights + 0.01 for name, weights in changed["model"].items()}
     save_checkpoint(kept, changed)
     code, _, lines = featuresum(capsys, "models", "export", "1", "--output", str(tmp_path / "out.pth"), *folders)
     one_error_line(code, lines, 1, "no longer holds the weights it was recorded with")
     assert not (tmp_path / "out.pth").exists()
+    kept.write_bytes(b"not a checkpoint any more")  # scoring it is the machine's failure too, not a bad option
+    for model in ("1", str(kept)):
+        code, _, lines = featuresum(capsys, "score", "--model", model, "--samples", "5", *folders)
+        one_error_line(code, lines, 1, "of model version 1 no longer holds its registered weights")

@@ -320,3 +320,15 @@ def test_a_registry_moved_with_its_folder_names_the_checkpoints_in_the_new_place
     old.rename(new)
     moved = Registry(new)
     assert [v.checkpoint for v in moved.versions()] == [str(new / "model-1.pt"), str(tmp_path / "kept" / "model-2.pt")]
+
+
+def test_the_same_weights_written_again_elsewhere_restore_a_version_whose_file_is_gone(tmp_path):
+    registry = Registry(tmp_path)
+    (tmp_path / "model-a.pt").write_bytes(b"weights")
+    version = registry.register(str(tmp_path / "model-a.pt"), "fp", config={}, metrics={})
+    (tmp_path / "model-b.pt").write_bytes(b"weights")
+    assert registry.register(str(tmp_path / "model-b.pt"), "fp", config={}, metrics={}) == version  # file still there
+    (tmp_path / "model-a.pt").unlink()
+    restored = registry.register(str(tmp_path / "model-b.pt"), "fp", config={}, metrics={})
+    assert restored.version == version.version and restored.checkpoint == str(tmp_path / "model-b.pt")
+    assert registry.get(version.version).checkpoint == str(tmp_path / "model-b.pt")

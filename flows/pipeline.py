@@ -278,16 +278,16 @@ def _train(
         "init": _initial_weights(init, window.day, artifacts_dir),
     }
     path = storage.output_path(storage.resolve(artifacts_dir), "model", parameters, ".pt")
-    if (kept := Registry(storage.resolve(artifacts_dir)).at_checkpoint(path)) and storage.exists(path):
-        if storage.fingerprint(path) not in {version.fingerprint for version in kept}:
-            raise EnvironmentFailure(
-                f"{path}: the checkpoint of model version {kept[-1].version} no longer holds its registered"
-                " weights, and a registered version is never trained over: restore the file, or delete it"
-                " to train it again"
-            )
-        if refresh:
-            get_run_logger().info("%s is model version %d: reused, never retrained over", path, kept[-1].version)
-            refresh = False
+    registry = Registry(storage.resolve(artifacts_dir))
+    if storage.exists(path) and (changed := registry.changed_at(path, storage.fingerprint(path))):
+        raise EnvironmentFailure(
+            f"{path}: the checkpoint of model version {changed.version} no longer holds its registered"
+            " weights, and a registered version is never trained over: restore the file, or delete it"
+            " to train it again"
+        )
+    if refresh and (kept := registry.at_checkpoint(path)) and storage.exists(path):
+        get_run_logger().info("%s is model version %d: reused, never retrained over", path, kept[-1].version)
+        refresh = False
     model = _run_cached(train_model, path, refresh, states, **parameters)
     folder = storage.parent(storage.parent(train[-1]["path"]))
     dataset = {"path": str(folder), "rows": sum(part["rows"] for part in train)}

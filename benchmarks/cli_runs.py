@@ -95,9 +95,9 @@ class LocalPrefect:
         return CliRun(wall, json.loads(result.stdout), peak)
 
     def _api(self, path: str, body: dict | None = None) -> Any:
-        from featuresum.flows import runtime
+        from featuresum.flows import local_server
 
-        url = runtime.local_server_url(self.home)
+        url = local_server.local_server_url(self.home)
         if url is None:
             raise RuntimeError(f"no local Prefect server is up under {self.home}")
         data = None if body is None else json.dumps(body).encode()
@@ -116,9 +116,9 @@ class LocalPrefect:
 
     def close(self) -> None:
         """Stop the local server the commands started."""
-        from featuresum.flows import runtime
+        from featuresum.flows import local_server
 
-        runtime.stop_local_server(self.home)
+        local_server.stop_local_server(self.home)
 
 
 def _run_settings(options: tuple[str, ...]) -> dict[str, Any]:
@@ -341,12 +341,12 @@ def _process_seconds(command: list[str], env: dict[str, str]) -> float:
 
 def _cached_floor(sizes: Sizes, cli: LocalPrefect, overrides: dict[str, Any]) -> tuple[list[Check], list[str]]:
     """The cached rerun against `import prefect` and a minimal Prefect flow of the same shape, interleaved."""
-    from featuresum.flows import runtime
+    from featuresum.flows import local_server
 
     dirs = cli.fresh_dirs("cached")
     run_args = ["run", *cli_options(overrides), *dirs]
     cli.featuresum(*run_args)
-    floor_env = {**cli.env, "PREFECT_API_URL": runtime.local_server_url(cli.home)}
+    floor_env = {**cli.env, "PREFECT_API_URL": local_server.local_server_url(cli.home)}
     floor = [sys.executable, "-m", "benchmarks.prefect_floor"]
     _process_seconds(floor, floor_env)  # fills the floor flow's cache
     probe = subprocess.run(

@@ -1,1 +1,1 @@
-"""Prefect flows, the local Prefect runtime and the `featuresum` command line."""
+"""Prefect flows, the local Prefect server they record runs in, and the `featuresum` command line."""

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featuresum.flows import runtime
+from featuresum.flows import local_server
 from featuresum.flows.models import iso_date, models_app
 from featuresum.flows.presets import DRIFT_ALERT, DRIFT_WARN, PRESETS
 from featuresum.flows.server import server_app
@@ -316,7 +316,7 @@ def _prefect_session() -> Iterator[str]:
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
 
-    with runtime.prefect_api() as api_url:
+    with local_server.prefect_api() as api_url:
         _check_api(api_url)
         _watch_api(api_url)
         _quiet_console_tracebacks()
@@ -377,7 +377,7 @@ def _execute(flow_name: str, parameters: dict[str, Any], as_json: bool, task_run
 def _wait_for_task_runs(flow_run_id: str, task_runs: dict[str, str]) -> dict[str, str]:
     """Wait until these task runs are recorded in a final state; a timeout is the environment's failure."""
     try:
-        return runtime.wait_for_task_runs(flow_run_id, list(task_runs))
+        return local_server.wait_for_task_runs(flow_run_id, list(task_runs))
     except TimeoutError as error:
         raise EnvironmentFailure(f"the Prefect API did not record every task run: {error}") from None
 
@@ -830,7 +830,7 @@ def _exit_code(error: BaseException) -> tuple[int, str | None]:
         return 2, error.format_message()
     if isinstance(error, InputError):
         return 2, str(error)
-    if isinstance(error, EnvironmentFailure | runtime.ServerError):
+    if isinstance(error, EnvironmentFailure | local_server.ServerError):
         return 1, str(error)
     if isinstance(error, sqlite3.Error):
         return 1, f"the model registry could not be used ({error})"
@@ -884,7 +884,7 @@ def main(say: Callable[[str], None] | None = None) -> None:
     `say` takes that line instead of printing it at once (the executable prints it last of all).
     """
     say = say or partial(print, file=sys.stderr)
-    runtime.quiet_defaults()
+    local_server.quiet_defaults()
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:

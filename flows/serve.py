@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from featuresum.flows import runtime
+from featuresum.flows import local_server
 
 if TYPE_CHECKING:
     from prefect.events import DeploymentEventTrigger
@@ -65,7 +65,7 @@ def serve_pipeline(name: str, schedule: "Schedule", parameters: dict[str, Any], 
 
     triggers = [drift_trigger(name, parameters["artifacts_dir"])] if retrain_on_drift else []
 
-    with runtime.prefect_api():
+    with local_server.prefect_api():
         pipeline_flow.serve(
             name=name,
             schedules=[schedule],

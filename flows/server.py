@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from featuresum.flows import runtime
+from featuresum.flows import local_server
 
 server_app = typer.Typer(
     help="Start, inspect or stop the local Prefect server (127.0.0.1, database under PREFECT_HOME) that "
@@ -39,15 +39,15 @@ def _print_status(status: dict, as_json: bool, **extra: object) -> None:
 @server_app.command()
 def start(json_output: JsonOpt = False) -> None:
     """Start the local server in the background, or report the one already running; wait until it answers."""
-    home = runtime.prefect_home()
-    before = runtime.server_status(home)
-    runtime.ensure_local_server(home)
-    status = runtime.server_status(home)
+    home = local_server.prefect_home()
+    before = local_server.server_status(home)
+    local_server.ensure_local_server(home)
+    status = local_server.server_status(home)
     if status is None:
-        log = home / runtime.SERVER_LOG
-        raise runtime.ServerError(f"the local Prefect server stopped right after it started; see {log}")
+        log = home / local_server.SERVER_LOG
+        raise local_server.ServerError(f"the local Prefect server stopped right after it started; see {log}")
     started = before is None or before["pid"] != status["pid"]
-    if url := runtime.configured_api_url():
+    if url := local_server.configured_api_url():
         print(f"note: PREFECT_API_URL is set ({url}); featuresum commands record runs there, not here", file=sys.stderr)
     if not json_output:
         print("Started the local Prefect server." if started else "The local Prefect server is already running.")
@@ -61,8 +61,8 @@ def status(json_output: JsonOpt = False) -> None:
     Exits with code 1 when no local server is running (after saying so, or printing
     {"running": false, ...} with --json), so scripts can test for a running server.
     """
-    home = runtime.prefect_home()
-    status = runtime.server_status(home)
+    home = local_server.prefect_home()
+    status = local_server.server_status(home)
     if status is not None:
         _print_status(status, json_output)
         return
@@ -76,9 +76,9 @@ def status(json_output: JsonOpt = False) -> None:
 @server_app.command()
 def stop() -> None:
     """Stop the local server and every process it started; return once they are all gone."""
-    home = runtime.prefect_home()
-    status = runtime.server_status(home)
-    if not runtime.stop_local_server(home):
+    home = local_server.prefect_home()
+    status = local_server.server_status(home)
+    if not local_server.stop_local_server(home):
         print(f"no local server was running (PREFECT_HOME={home})")
     elif status is not None:
         print(f"Stopped the local Prefect server at {status['url']} (pid {status['pid']}).")

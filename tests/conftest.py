@@ -29,11 +29,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from featuresum.flows import runtime  # noqa: E402
+from featuresum.flows import local_server  # noqa: E402
 from featuresum.tasks import data, training  # noqa: E402
 from featuresum.tasks.checkpoint import save_checkpoint  # noqa: E402
 
-runtime.quiet_defaults()
+local_server.quiet_defaults()
 # Fixtures that start a Prefect API: a test that uses one belongs to the server tier.
 SERVER_FIXTURES = {"harness", "prefect", "cli_home", "cli", "object_store"}
 
@@ -49,7 +49,7 @@ def _snapshot(root: Path, skip: set[str] = frozenset()) -> dict[str, str]:
     """{relative path: content hash} of every file under `root` (nothing when it does not exist)."""
     files = {}
     for path in sorted(root.rglob("*")) if root.is_dir() else ():
-        if path.is_file() and path.name not in skip and not path.name.startswith(runtime.SERVER_LOG):
+        if path.is_file() and path.name not in skip and not path.name.startswith(local_server.SERVER_LOG):
             files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
 
@@ -130,7 +130,7 @@ def cli_home(tmp_path_factory):
     """A PREFECT_HOME whose local server the CLI starts on first use; stopped after the session."""
     home = tmp_path_factory.mktemp("prefect-home")
     yield home
-    runtime.stop_local_server(home)
+    local_server.stop_local_server(home)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A flow of many quick tasks, run twice through the project's Prefect runtime as the CLI runs flows.
+"""A flow of many quick tasks, run twice through the project's local Prefect server as the CLI runs flows.
 
 Prints the flow run ids and exits at once, which is when Prefect's ephemeral mode loses task runs.
 """
@@ -8,7 +8,7 @@ import sys
 from prefect import flow, task
 from prefect.runtime import flow_run
 
-from featuresum.flows import runtime
+from featuresum.flows import local_server
 
 
 @task(task_run_name="square-{i}")
@@ -28,9 +28,9 @@ def many_quick_tasks(count: int) -> dict:
 
 
 if __name__ == "__main__":
-    runtime.quiet_defaults()
-    with runtime.prefect_api():
+    local_server.quiet_defaults()
+    with local_server.prefect_api():
         for _ in range(2):
             summary = many_quick_tasks(int(sys.argv[1]))
-            runtime.wait_for_task_runs(summary["flow_run_id"], list(summary["task_runs"]))
+            local_server.wait_for_task_runs(summary["flow_run_id"], list(summary["task_runs"]))
             print(summary["flow_run_id"])

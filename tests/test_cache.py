@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_flows import SMALL, run_pipeline
 
-from featuresum.flows import runtime
+from featuresum.flows import local_server
 from featuresum.flows.pipeline import score_flow, train_flow
 from featuresum.tasks import storage
 from featuresum.tasks.errors import InputError
@@ -17,7 +17,7 @@ TRAIN = {k: SMALL[k] for k in ("train_samples", "holdout_samples", "epochs", "ba
 
 def states(summary):
     """{task run name: final state} of a flow run, as the API recorded them."""
-    return runtime.wait_for_task_runs(summary["flow_run_id"], list(summary["task_runs"]))
+    return local_server.wait_for_task_runs(summary["flow_run_id"], list(summary["task_runs"]))
 
 
 def by_task(summary, prefix):

@@ -19,7 +19,7 @@ import pytest
 from prefect.settings import PREFECT_HOME, temporary_settings
 from typer.testing import CliRunner
 
-from featuresum.flows import runtime
+from featuresum.flows import local_server
 from featuresum.flows.server import server_app
 
 pytestmark = pytest.mark.server
@@ -39,7 +39,7 @@ def processes_of(home: Path) -> dict[int, list[str]]:
     wanted = f"PREFECT_HOME={home}".encode()
     found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or runtime.process_start_ticks(int(entry.name)) is None:
+        if not entry.name.isdigit() or local_server.process_start_ticks(int(entry.name)) is None:
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
@@ -74,14 +74,14 @@ def running(tmp_path_factory):
     """A PREFECT_HOME with a local server started by ensure_local_server; stopped after the module."""
     home = tmp_path_factory.mktemp("running-server")
     try:
-        runtime.ensure_local_server(home, timeout=START_TIMEOUT)
+        local_server.ensure_local_server(home, timeout=START_TIMEOUT)
         yield home
     finally:
-        runtime.stop_local_server(home)
+        local_server.stop_local_server(home)
 
 
 def test_status_shows_url_pid_database_version_uptime_and_log(running):
-    status = runtime.server_status(running)
+    status = local_server.server_status(running)
     assert status is not None and status["healthy"]
     port = int(status["url"].rsplit(":", 1)[1])
 
@@ -101,9 +101,9 @@ def test_status_shows_url_pid_database_version_uptime_and_log(running):
     assert report["prefect_version"] == prefect.__version__
     assert 0 < report["uptime_seconds"] < 3600
     # The server's output reaches the log through the copier, which shares the server's process group.
-    assert report["log"] == str(running / runtime.SERVER_LOG)
+    assert report["log"] == str(running / local_server.SERVER_LOG)
     assert f"127.0.0.1:{port}" in Path(report["log"]).read_text()
-    members = runtime.process_group_members(status["pid"])
+    members = local_server.process_group_members(status["pid"])
     assert len(members) == 2 and status["pid"] in members
     assert any("run_log_copier" in " ".join(processes_of(running)[pid]) for pid in members)
 
@@ -116,26 +116,26 @@ def test_status_json_in_a_fresh_process(running):
         [sys.executable, "-c", script, "status", "--json"], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["pid"] == runtime.server_status(running)["pid"]
+    assert json.loads(result.stdout)["pid"] == local_server.server_status(running)["pid"]
 
 
 def test_a_second_start_reuses_the_running_server(running):
-    pid = runtime.server_status(running)["pid"]
+    pid = local_server.server_status(running)["pid"]
     again = invoke(running, "start", "--json")
     assert again.exit_code == 0, again.output
     report = json.loads(again.stdout)
     assert report["started"] is False and report["pid"] == pid
-    assert runtime.ensure_local_server(running) == report["api_url"]
+    assert local_server.ensure_local_server(running) == report["api_url"]
     assert prefect_servers_of(running) == [pid]
 
 
 def test_a_slow_recorded_server_is_waited_for_not_replaced(running):
-    status = runtime.server_status(running)
+    status = local_server.server_status(running)
     outcome = {}
 
     def second_start():
         try:
-            outcome["url"] = runtime.ensure_local_server(running, timeout=120)
+            outcome["url"] = local_server.ensure_local_server(running, timeout=120)
         except Exception as error:  # re-raised by the test below
             outcome["error"] = error
 
@@ -151,46 +151,46 @@ def test_a_slow_recorded_server_is_waited_for_not_replaced(running):
     waiting.join(120)
     assert "error" not in outcome, outcome
     assert outcome["url"] == status["api_url"]
-    assert runtime.server_status(running)["pid"] == status["pid"]
+    assert local_server.server_status(running)["pid"] == status["pid"]
     assert prefect_servers_of(running) == [status["pid"]]
 
 
 def test_start_status_stop_beside_a_foreign_listener_and_a_stale_record(tmp_path):
     # Something that is not ours listens on the default port (started here when the port is free).
     foreign = None
-    if port_is_free(runtime.DEFAULT_PORT):
+    if port_is_free(local_server.DEFAULT_PORT):
         foreign = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(runtime.DEFAULT_PORT), "--bind", "127.0.0.1"],
+            [sys.executable, "-m", "http.server", str(local_server.DEFAULT_PORT), "--bind", "127.0.0.1"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20
-        while port_is_free(runtime.DEFAULT_PORT):
+        while port_is_free(local_server.DEFAULT_PORT):
             assert time.monotonic() < deadline and foreign.poll() is None
             time.sleep(0.1)
     # A record of a server whose process is gone, pointing at that port.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    (tmp_path / runtime.SERVER_STATE).write_text(
-        json.dumps({"api_url": f"http://127.0.0.1:{runtime.DEFAULT_PORT}/api", "pid": gone.pid, "start_ticks": 1})
+    (tmp_path / local_server.SERVER_STATE).write_text(
+        json.dumps({"api_url": f"http://127.0.0.1:{local_server.DEFAULT_PORT}/api", "pid": gone.pid, "start_ticks": 1})
     )
     try:
         started = invoke(tmp_path, "start")
         assert started.exit_code == 0, started.output
         assert "Started the local Prefect server" in started.stdout
-        status = runtime.server_status(tmp_path)
+        status = local_server.server_status(tmp_path)
         port = int(status["url"].rsplit(":", 1)[1])
-        assert port != runtime.DEFAULT_PORT and status["pid"] != gone.pid
+        assert port != local_server.DEFAULT_PORT and status["pid"] != gone.pid
         assert json.loads(invoke(tmp_path, "status", "--json").stdout)["url"] == f"http://127.0.0.1:{port}"
 
         stopped = invoke(tmp_path, "stop")
         assert stopped.exit_code == 0, stopped.output
         assert f"pid {status['pid']}" in stopped.stdout
         # stop returns only once the whole group is gone, and with it the port.
-        assert runtime.process_group_members(status["pid"]) == []
+        assert local_server.process_group_members(status["pid"]) == []
         assert processes_of(tmp_path) == {}
         assert port_is_free(port)
-        assert not (tmp_path / runtime.SERVER_STATE).exists()
+        assert not (tmp_path / local_server.SERVER_STATE).exists()
 
         after = invoke(tmp_path, "status")
         assert after.exit_code == 1 and "no local server is running" in after.stdout
@@ -199,7 +199,7 @@ def test_start_status_stop_beside_a_foreign_listener_and_a_stale_record(tmp_path
         if foreign is not None:
             assert foreign.poll() is None  # never taken for ours, never stopped
     finally:
-        runtime.stop_local_server(tmp_path)
+        local_server.stop_local_server(tmp_path)
         if foreign is not None:
             foreign.terminate()
             foreign.wait(10)
@@ -209,27 +209,27 @@ def test_a_server_that_exits_during_start_up_leaves_no_process(tmp_path, monkeyp
     monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", "sqlite+aiosqlite:////nonexistent/dir/prefect.db")
     began = time.monotonic()
     try:
-        with pytest.raises(runtime.ServerError) as failure:
-            runtime.ensure_local_server(tmp_path, timeout=START_TIMEOUT)
+        with pytest.raises(local_server.ServerError) as failure:
+            local_server.ensure_local_server(tmp_path, timeout=START_TIMEOUT)
         assert time.monotonic() - began < 90
         message = str(failure.value)
         assert "\n" not in message
         assert "exited with code" in message and "unable to open database file" in message
-        assert message.endswith(f"see {tmp_path / runtime.SERVER_LOG}")
+        assert message.endswith(f"see {tmp_path / local_server.SERVER_LOG}")
         assert processes_of(tmp_path) == {}
-        assert not (tmp_path / runtime.SERVER_STATE).exists()
+        assert not (tmp_path / local_server.SERVER_STATE).exists()
     finally:
-        runtime.stop_local_server(tmp_path)
+        local_server.stop_local_server(tmp_path)
 
 
 def test_a_server_that_does_not_answer_in_time_is_ended_with_its_group(tmp_path):
     try:
-        with pytest.raises(runtime.ServerError, match=r"did not answer within 1s; see .*featuresum-server\.log$"):
-            runtime.ensure_local_server(tmp_path, timeout=1)
+        with pytest.raises(local_server.ServerError, match=r"did not answer within 1s; see .*featuresum-server\.log$"):
+            local_server.ensure_local_server(tmp_path, timeout=1)
         assert processes_of(tmp_path) == {}
-        assert not (tmp_path / runtime.SERVER_STATE).exists()
+        assert not (tmp_path / local_server.SERVER_STATE).exists()
     finally:
-        runtime.stop_local_server(tmp_path)
+        local_server.stop_local_server(tmp_path)
 
 
 def test_a_server_that_loses_its_port_to_another_program_starts_on_another(tmp_path, monkeypatch):
@@ -240,13 +240,13 @@ def test_a_server_that_loses_its_port_to_another_program_starts_on_another(tmp_p
         taken.listen()
         lost = taken.getsockname()[1]
         ports = iter([lost])
-        real = runtime._free_port
-        monkeypatch.setattr(runtime, "_free_port", lambda default=True: next(ports, None) or real(default=False))
+        real = local_server._free_port
+        monkeypatch.setattr(local_server, "_free_port", lambda default=True: next(ports, None) or real(default=False))
         # By the time we look, the other program may have let go again: only the server's own error tells.
-        monkeypatch.setattr(runtime, "_port_is_free", lambda port: True)
+        monkeypatch.setattr(local_server, "_port_is_free", lambda port: True)
         try:
-            url = runtime.ensure_local_server(home, timeout=START_TIMEOUT)
-            assert url != f"http://127.0.0.1:{lost}/api" and runtime.is_healthy(url)
-            assert "already in use" in (home / runtime.SERVER_LOG).read_text().lower()
+            url = local_server.ensure_local_server(home, timeout=START_TIMEOUT)
+            assert url != f"http://127.0.0.1:{lost}/api" and local_server.is_healthy(url)
+            assert "already in use" in (home / local_server.SERVER_LOG).read_text().lower()
         finally:
-            runtime.stop_local_server(home)
+            local_server.stop_local_server(home)

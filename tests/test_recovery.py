@@ -16,7 +16,7 @@ import torch
 from conftest import run_json, small_run_args
 from test_flows import SMALL
 
-from featuresum.flows import runtime
+from featuresum.flows import local_server
 from featuresum.flows.pipeline import pipeline_flow, score_flow
 from featuresum.tasks import data, storage
 from featuresum.tasks.checkpoint import load_checkpoint
@@ -176,7 +176,7 @@ def api_client(home):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = runtime.local_server_url(home)
+    url = local_server.local_server_url(home)
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         yield client
 
@@ -226,7 +226,7 @@ def test_a_server_dying_mid_training_ends_the_run_promptly_and_the_next_run_resu
     env = {**cli.env, "PREFECT_HOME": str(home)}
     try:
         args, process = start_training(cli, tmp_path, env)
-        server = runtime.server_status(home)
+        server = local_server.server_status(home)
         os.killpg(server["pid"], signal.SIGKILL)
         killed = time.monotonic()
         stdout, stderr = process.communicate(timeout=120)
@@ -245,9 +245,9 @@ def test_a_server_dying_mid_training_ends_the_run_promptly_and_the_next_run_resu
         summary = run_json(again)
         assert summary["start_epoch"] == finished >= 1
         assert summary["epochs_completed"] == 8
-        assert runtime.server_status(home)["pid"] != server["pid"]
+        assert local_server.server_status(home)["pid"] != server["pid"]
     finally:
-        runtime.stop_local_server(home)
+        local_server.stop_local_server(home)
 
 
 def test_a_failed_run_has_its_task_runs_recorded_when_the_command_ends(cli, tmp_path):

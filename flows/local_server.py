@@ -47,8 +47,10 @@ START_ATTEMPTS = 3
 KILL_WAIT = 10.0
 
 # Run in the new process group's leader: start the log copier, then become the server.
-_LAUNCH = "import sys; from featuresum.flows.runtime import exec_with_log_copier; exec_with_log_copier(*sys.argv[1:])"
-_COPY = "import sys; from featuresum.flows.runtime import run_log_copier; run_log_copier(sys.argv[1])"
+_LAUNCH = (
+    "import sys; from featuresum.flows.local_server import exec_with_log_copier; exec_with_log_copier(*sys.argv[1:])"
+)
+_COPY = "import sys; from featuresum.flows.local_server import run_log_copier; run_log_copier(sys.argv[1])"
 
 
 class ServerError(RuntimeError):

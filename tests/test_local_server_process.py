@@ -1,4 +1,4 @@
-"""The local-server runtime: every task run reaches the database; process identity, groups and the rotating log."""
+"""The local Prefect server: every task run reaches the database; process identity, groups and the rotating log."""
 
 import json
 import os
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from featuresum.flows import runtime
+from featuresum.flows import local_server
 
 
 def test_every_task_run_of_a_many_task_flow_is_recorded(cli):
@@ -29,7 +29,7 @@ def test_every_task_run_of_a_many_task_flow_is_recorded(cli):
     assert len(flow_run_ids) == 2
 
     home = Path(cli.env["PREFECT_HOME"])
-    assert runtime.local_server_url(home).startswith("http://127.0.0.1:")
+    assert local_server.local_server_url(home).startswith("http://127.0.0.1:")
     with sqlite3.connect(home / "prefect.db") as db:
         for flow_run_id in flow_run_ids:
             states = db.execute(
@@ -45,7 +45,7 @@ def test_the_rotating_log_caps_each_file_and_keeps_the_newest_lines(tmp_path):
         writer.write(b"".join(lines))
     log = tmp_path / "server.log"
     with os.fdopen(read_end, "rb") as stream:
-        runtime.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
+        local_server.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
 
     files = [log.with_name(f"{log.name}.2"), log.with_name(f"{log.name}.1"), log]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["server.log", "server.log.1", "server.log.2"]
@@ -61,7 +61,7 @@ def test_the_rotating_log_counts_what_an_earlier_server_wrote(tmp_path):
     with os.fdopen(write_end, "wb") as writer:
         writer.write(b"new line\n")
     with os.fdopen(read_end, "rb") as stream:
-        runtime.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
+        local_server.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
     assert log.read_bytes() == b"new line\n"
     assert log.with_name("server.log.1").read_bytes() == b"x" * 95 + b"\n"
 
@@ -95,17 +95,17 @@ def with_group_killed(process: subprocess.Popen) -> None:
 
 def test_a_logged_command_and_its_log_copier_form_one_process_group(tmp_path):
     log = tmp_path / "command.log"
-    process = runtime.spawn_logged([sys.executable, "-c", SAYS_BYE_ON_SIGTERM], log, dict(os.environ))
+    process = local_server.spawn_logged([sys.executable, "-c", SAYS_BYE_ON_SIGTERM], log, dict(os.environ))
     try:
         wait_for(lambda: b"started" in log.read_bytes())
-        members = runtime.process_group_members(process.pid)
+        members = local_server.process_group_members(process.pid)
         assert len(members) == 2 and process.pid in members
         copier = next(pid for pid in members if pid != process.pid)
         assert b"run_log_copier" in Path(f"/proc/{copier}/cmdline").read_bytes()
         assert os.getpgid(copier) == process.pid
     finally:
-        runtime.stop_process_group(process.pid, timeout=20)
-    assert runtime.process_group_members(process.pid) == []
+        local_server.stop_process_group(process.pid, timeout=20)
+    assert local_server.process_group_members(process.pid) == []
     # The copier outlived SIGTERM long enough to record what the command said on its way out.
     assert log.read_bytes() == b"started\nlast words\n"
 
@@ -115,11 +115,11 @@ def test_a_process_group_that_ignores_sigterm_is_killed(tmp_path):
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
     )
     log = tmp_path / "stubborn.log"
-    process = runtime.spawn_logged([sys.executable, "-c", ignores], log, dict(os.environ))
+    process = local_server.spawn_logged([sys.executable, "-c", ignores], log, dict(os.environ))
     try:
         wait_for(lambda: b"up" in log.read_bytes())
-        runtime.stop_process_group(process.pid, timeout=1)
-        assert runtime.process_group_members(process.pid) == []
+        local_server.stop_process_group(process.pid, timeout=1)
+        assert local_server.process_group_members(process.pid) == []
     finally:
         with_group_killed(process)
 
@@ -149,33 +149,33 @@ def answering_health() -> Iterator[str]:
 
 def record(home: Path, **state) -> None:
     home.mkdir(parents=True, exist_ok=True)
-    (home / runtime.SERVER_STATE).write_text(json.dumps(state))
+    (home / local_server.SERVER_STATE).write_text(json.dumps(state))
 
 
 def test_a_foreign_answer_on_the_recorded_url_is_not_our_server_when_its_pid_is_gone(tmp_path):
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     with answering_health() as url:
-        assert runtime.is_healthy(url)
+        assert local_server.is_healthy(url)
         record(tmp_path, api_url=url, pid=finished.pid, start_ticks=1)
-        assert runtime.local_server_url(tmp_path) is None
-        assert runtime.server_status(tmp_path) is None
-        assert runtime.stop_local_server(tmp_path) is False
-    assert not (tmp_path / runtime.SERVER_STATE).exists()
+        assert local_server.local_server_url(tmp_path) is None
+        assert local_server.server_status(tmp_path) is None
+        assert local_server.stop_local_server(tmp_path) is False
+    assert not (tmp_path / local_server.SERVER_STATE).exists()
 
 
 def test_a_reused_pid_is_never_taken_for_our_server_nor_stopped(tmp_path):
     stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
-        ticks = runtime.process_start_ticks(stranger.pid)
+        ticks = local_server.process_start_ticks(stranger.pid)
         assert ticks is not None
         with answering_health() as url:
             record(tmp_path, api_url=url, pid=stranger.pid, start_ticks=ticks - 1)
-            assert runtime.server_status(tmp_path) is None
-            assert runtime.local_server_url(tmp_path) is None
-            assert runtime.stop_local_server(tmp_path) is False
+            assert local_server.server_status(tmp_path) is None
+            assert local_server.local_server_url(tmp_path) is None
+            assert local_server.stop_local_server(tmp_path) is False
         assert stranger.poll() is None
-        assert runtime.process_start_ticks(stranger.pid) == ticks
+        assert local_server.process_start_ticks(stranger.pid) == ticks
     finally:
         stranger.kill()
         stranger.wait()
@@ -185,13 +185,13 @@ def test_our_running_process_is_not_serving_while_another_program_holds_its_port
     ours = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
         with answering_health() as url:
-            record(tmp_path, api_url=url, pid=ours.pid, start_ticks=runtime.process_start_ticks(ours.pid))
-            status = runtime.server_status(tmp_path)
+            record(tmp_path, api_url=url, pid=ours.pid, start_ticks=local_server.process_start_ticks(ours.pid))
+            status = local_server.server_status(tmp_path)
             assert status is not None and status["pid"] == ours.pid
             assert status["healthy"] is False
-            assert runtime.local_server_url(tmp_path) is None
-        assert runtime.stop_local_server(tmp_path) is True
-        assert runtime.process_group_members(ours.pid) == []
+            assert local_server.local_server_url(tmp_path) is None
+        assert local_server.stop_local_server(tmp_path) is True
+        assert local_server.process_group_members(ours.pid) == []
     finally:
         with_group_killed(ours)
 
@@ -199,9 +199,9 @@ def test_our_running_process_is_not_serving_while_another_program_holds_its_port
 def test_a_process_that_exited_counts_as_gone_before_its_parent_collects_it():
     child = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     try:
-        assert runtime.process_start_ticks(os.getpid()) is not None
+        assert local_server.process_start_ticks(os.getpid()) is not None
         wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
-        assert runtime.process_start_ticks(child.pid) is None
-        assert runtime.process_group_members(child.pid) == []
+        assert local_server.process_start_ticks(child.pid) is None
+        assert local_server.process_group_members(child.pid) == []
     finally:
         child.wait()

@@ -20,7 +20,7 @@ from prefect.settings import PREFECT_HOME, temporary_settings
 from typer.testing import CliRunner
 
 from featuresum.flows import local_server
-from featuresum.flows.server import server_app
+from featuresum.flows.cli.server import server_app
 
 pytestmark = pytest.mark.server
 
@@ -111,7 +111,7 @@ def test_status_shows_url_pid_database_version_uptime_and_log(running):
 def test_status_json_in_a_fresh_process(running):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(running)
-    script = "from featuresum.flows.server import server_app; server_app()"
+    script = "from featuresum.flows.cli.server import server_app; server_app()"
     result = subprocess.run(
         [sys.executable, "-c", script, "status", "--json"], env=env, capture_output=True, text=True, timeout=120
     )

@@ -29,9 +29,9 @@ from typing import Annotated, Any
 import typer
 
 from featuresum.flows import local_server
-from featuresum.flows.models import iso_date, models_app
+from featuresum.flows.cli.models import iso_date, models_app
 from featuresum.flows.presets import DRIFT_ALERT, DRIFT_WARN, PRESETS
-from featuresum.flows.server import server_app
+from featuresum.flows.cli.server import server_app
 from featuresum.tasks.errors import EnvironmentFailure, InputError, Terminated
 
 LOCAL_SERVER_HELP = (

@@ -9,10 +9,18 @@ memory, a reboot) is marked Crashed and counts as such, so the same command run 
 import socket
 from collections.abc import Iterator
 from datetime import date, timedelta
+from enum import StrEnum
 from typing import Any
 
 PIPELINE = "featuresum-pipeline"
-REPROCESS = ("missing", "failed", "all")
+
+
+class Reprocess(StrEnum):
+    """Which dates with an earlier run a backfill runs again."""
+
+    missing = "missing"
+    failed = "failed"
+    all = "all"
 
 
 def dates_between(start: date, end: date) -> list[date]:
@@ -88,7 +96,7 @@ def mark_crashed(client: Any, runs: Iterator[Any]) -> None:
             run.state = state
 
 
-def to_run(days: list[date], earlier: dict[str, Any], reprocess: str) -> list[date]:
+def to_run(days: list[date], earlier: dict[str, Any], reprocess: Reprocess) -> list[date]:
     """The dates to run, given the latest earlier run of each date.
 
     missing: dates with no run, or whose last run ended without completing; failed: only dates
@@ -109,7 +117,7 @@ def to_run(days: list[date], earlier: dict[str, Any], reprocess: str) -> list[da
     return [day for day in days if wanted(day)]
 
 
-def on_deployment(name: str, days: list[date], reprocess: str) -> Iterator[tuple[date, Any, bool]]:
+def on_deployment(name: str, days: list[date], reprocess: Reprocess) -> Iterator[tuple[date, Any, bool]]:
     """Run a served deployment once per date, one at a time, oldest first; yields (date, flow run, skipped).
 
     Each run is created with an idempotency key per deployment, its parameters, the date and the

@@ -1,10 +1,13 @@
 """Named sizes and optimiser settings: the one source of defaults for the flows, the CLI and serve.
 
-Kept free of heavy imports, so `featuresum --help` stays fast.
+The default preset's optimiser settings are those of `TrainConfig` itself, so the training code and
+the pipeline never disagree about them. Kept free of heavy imports, so `featuresum --help` stays fast.
 """
 
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from featuresum.tasks.settings import TrainConfig
 
 # Rows per scoring shard (whole row groups); each shard is one task run, in parallel on Dask.
 SHARD_ROWS = 262_144
@@ -35,11 +38,7 @@ DEFAULT = Preset(
     train_samples=300_000,
     holdout_samples=20_000,
     score_samples=10_000,
-    epochs=4,
-    batch_size=256,
-    lr=0.003,
-    weight_decay=0.1,
-    schedule="onecycle",
+    **{name: value for name, value in asdict(TrainConfig()).items() if name != "seed"},
 )
 PRESETS: dict[str, Preset] = {
     "default": DEFAULT,

@@ -141,12 +141,12 @@ def test_two_projects_with_relative_folders_on_one_server_keep_their_own_runs(cl
 def test_a_deployments_relative_folder_is_read_where_its_runs_work():
     from types import SimpleNamespace
 
-    from featuresum.flows.cli import _deployment_folder
+    from featuresum.flows.cli.backfill import deployment_folder
 
     step = {"prefect.deployments.steps.set_working_directory": {"directory": "/srv/project"}}
     from_yaml = SimpleNamespace(pull_steps=[step], path=None)
-    assert _deployment_folder(from_yaml, "artifacts") == "/srv/project/artifacts"
+    assert deployment_folder(from_yaml, "artifacts") == "/srv/project/artifacts"
     served = SimpleNamespace(pull_steps=None, path="/home/me/work")
-    assert _deployment_folder(served, "artifacts") == "/home/me/work/artifacts"
-    assert _deployment_folder(served, "/data/artifacts") == "/data/artifacts"
-    assert _deployment_folder(served, "s3://bucket/artifacts") == "s3://bucket/artifacts"
+    assert deployment_folder(served, "artifacts") == "/home/me/work/artifacts"
+    assert deployment_folder(served, "/data/artifacts") == "/data/artifacts"
+    assert deployment_folder(served, "s3://bucket/artifacts") == "s3://bucket/artifacts"

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from featuresum.flows.cli._options import iso_date
 from featuresum.flows.presets import DEFAULT
 
 models_app = typer.Typer(
@@ -29,16 +30,6 @@ def _registry(artifacts_dir: str):
     from featuresum.tasks.registry import Registry
 
     return Registry(artifacts_dir)
-
-
-def iso_date(value: str | None) -> str | None:
-    """Typer callback of a date option (here and in the other commands): YYYY-MM-DD, or a usage error."""
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value).isoformat()
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a date like 2026-11-28") from None
 
 
 def _accuracy(metrics: dict) -> str:

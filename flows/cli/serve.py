@@ -1,0 +1,37 @@
+"""`featuresum serve`: the pipeline as a deployment that retrains on a cron schedule, executed here."""
+
+from typing import Annotated
+
+import typer
+
+from featuresum.flows.cli._app import app
+from featuresum.flows.cli._flow_runs import prepare_folders
+from featuresum.flows.cli._options import DRIFT_LEVELS, RETRAINING, SCORING, TRAINING, pipeline_options
+from featuresum.flows.options import PipelineOptions
+
+
+@app.command()
+@pipeline_options(*TRAINING, "score_samples", *RETRAINING, *SCORING, "min_improvement", *DRIFT_LEVELS, "refresh")
+def serve(
+    options: PipelineOptions,
+    cron: Annotated[str, typer.Option(help="When to run, as a cron string (minute hour day month weekday).")] = (
+        "0 3 * * *"
+    ),
+    timezone: Annotated[str, typer.Option(help="IANA timezone the cron string is read in.")] = "UTC",
+    name: Annotated[str, typer.Option(help="Deployment name: featuresum-pipeline/<name>.")] = "scheduled-retraining",
+    retrain_on_drift: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the deployment when a batch scored with its artifacts folder drifts to level alert "
+            "(a trigger on the featuresum.drift.detected event), for the date of that batch."
+        ),
+    ] = False,
+) -> None:
+    """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
+    from featuresum.flows.pipeline import pipeline_flow
+    from featuresum.flows.serve import cron_schedule, serve_pipeline
+
+    when = cron_schedule(cron, timezone)
+    # The folders are absolute: runs execute in subprocesses and may be triggered from anywhere.
+    prepare_folders(options.data_dir, options.artifacts_dir)
+    serve_pipeline(name, when, options.parameters(pipeline_flow), retrain_on_drift)

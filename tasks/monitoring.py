@@ -121,8 +121,10 @@ def psi(expected: Sequence[float], actual: Sequence[float]) -> float | None:
 
 def check_thresholds(warn: float, alert: float) -> None:
     """Refuse thresholds that cannot order the levels."""
-    if not 0 <= warn <= alert:
-        raise InputError(f"drift thresholds must satisfy 0 <= warn <= alert; got warn {warn:g}, alert {alert:g}")
+    if warn > alert:
+        raise InputError(f"--drift-warn {warn:g} is above --drift-alert {alert:g}; the levels need 0 <= warn <= alert")
+    if warn < 0:
+        raise InputError(f"--drift-warn {warn:g} is below 0; the levels need 0 <= warn <= alert")
 
 
 def level(psis: Sequence[float | None], warn: float, alert: float) -> str:

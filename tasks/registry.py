@@ -11,7 +11,7 @@ Alias moves are never forgotten: each one is a row in the alias history, which i
 import json
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -177,6 +177,21 @@ def _move_alias(
         (change.alias, change.version, change.previous, change.reason, change.flow_run_id, change.changed),
     )
     return change
+
+
+def _lineage(moves: Iterable[sqlite3.Row]) -> list[int]:
+    """The versions an alias stood at, oldest first, with every move back (a rollback) taken out.
+
+    A move from the latest version of the lineage to the one before it undoes the move that brought
+    the latest; any other move adds a version.
+    """
+    lineage: list[int] = []
+    for move in moves:
+        if len(lineage) >= 2 and (move["version"], move["previous"]) == (lineage[-2], lineage[-1]):
+            lineage.pop()
+        else:
+            lineage.append(move["version"])
+    return lineage
 
 
 def changed_weights(model: str, version: int) -> str:
@@ -466,18 +481,21 @@ class Registry:
     def rollback(
         self, reason: str = "rolled back", *, flow_run_id: str | None = None, name: str = "champion"
     ) -> AliasChange:
-        """Point an alias back at the version it pointed at before its latest move, and record that move."""
+        """Point an alias back one step along its lineage, and record that move.
+
+        The lineage is the alias history with every rollback taken out, so each rollback goes one
+        version further back (a second one does not undo the first).
+        """
         nothing_earlier = InputError(f"{self._path}: '{name}' has no earlier {name} to roll back to")
         if not storage.exists(self._path):
             raise nothing_earlier
 
         def back(conn: sqlite3.Connection) -> AliasChange:
-            latest = conn.execute(
-                "SELECT * FROM alias_history WHERE alias = ? ORDER BY id DESC LIMIT 1", (name,)
-            ).fetchone()
-            if latest is None or latest["previous"] is None:
+            rows = conn.execute("SELECT version, previous FROM alias_history WHERE alias = ? ORDER BY id", (name,))
+            lineage = _lineage(rows)
+            if len(lineage) < 2:
                 raise nothing_earlier
-            return _move_alias(conn, name, latest["previous"], latest["version"], reason, flow_run_id)
+            return _move_alias(conn, name, lineage[-2], lineage[-1], reason, flow_run_id)
 
         return self._write(back)
 

@@ -62,6 +62,24 @@ def test_promote_then_rollback_keeps_the_history(capsys, registry):
     ]
 
 
+def test_rollback_walks_back_the_history_and_prints_json(capsys, registry):
+    for number in (2, 3):
+        registry.register(str(registry.get(1).checkpoint), f"fingerprint-{number}-more", config={}, metrics={})
+    models(capsys, registry, "promote", "2")
+    models(capsys, registry, "promote", "3")
+    code, out, _ = models(capsys, registry, "rollback", "--json")
+    assert code == 0 and (json.loads(out)["previous"], json.loads(out)["version"]) == (3, 2)
+    code, out, _ = models(capsys, registry, "rollback")
+    assert code == 0 and "2 -> 1" in out
+    assert registry.alias().version == 1
+
+
+def test_show_takes_json_and_prints_one_line(capsys, registry):
+    code, out, _ = models(capsys, registry, "show", "champion", "--json")
+    assert code == 0 and len(out.strip().splitlines()) == 1
+    assert json.loads(out)["version"] == 1
+
+
 @pytest.mark.parametrize(("args", "words"), [(["show", "7"], "7"), (["show", "best"], "best"), (["promote", "9"], "9")])
 def test_unknown_versions_are_one_line_and_exit_code_2(capsys, registry, args, words):
     code, _, lines = models(capsys, registry, *args)

@@ -332,3 +332,17 @@ def test_the_same_weights_written_again_elsewhere_restore_a_version_whose_file_i
     restored = registry.register(str(tmp_path / "model-b.pt"), "fp", config={}, metrics={})
     assert restored.version == version.version and restored.checkpoint == str(tmp_path / "model-b.pt")
     assert registry.get(version.version).checkpoint == str(tmp_path / "model-b.pt")
+
+
+def test_each_rollback_goes_one_version_further_back(tmp_path):
+    registry = Registry(tmp_path)
+    for number in (1, 2, 3):
+        register(registry, number)
+        registry.set_alias(number, f"version {number}")
+    assert [registry.rollback(f"back {n}").version for n in (1, 2)] == [2, 1]
+    with pytest.raises(InputError, match=r"no earlier champion to roll back to$"):
+        registry.rollback()
+    # A promotion after rollbacks starts a new step of the lineage: rolling it back returns to where it came from.
+    registry.set_alias(3, "version 3 again")
+    assert registry.rollback().version == 1
+    assert [change.version for change in registry.history()] == [1, 2, 3, 2, 1, 3, 1]

@@ -8,7 +8,7 @@ a plain state_dict (`torch.save(model.state_dict(), "model.pth")`).
 import json
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,7 +22,7 @@ models_app = typer.Typer(
 ArtifactsDir = Annotated[
     str, typer.Option(help="Folder (or s3://bucket/prefix) of the checkpoints and the registry (registry.sqlite).")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one line of JSON instead of text.")]
 Reference = Annotated[str, typer.Argument(help="A version number, or `champion`.")]
 
 
@@ -57,14 +57,24 @@ def list_versions(artifacts_dir: ArtifactsDir = "artifacts", json_output: JsonOp
 
 
 @models_app.command()
-def show(reference: Reference, artifacts_dir: ArtifactsDir = "artifacts") -> None:
-    """Everything recorded of one version (as JSON), and the champion's alias history."""
+def show(reference: Reference, artifacts_dir: ArtifactsDir = "artifacts", json_output: JsonOpt = False) -> None:
+    """Everything recorded of one version (as indented JSON, or one line with --json), and the champion's history."""
     registry = _registry(artifacts_dir)
     version = registry.resolve(reference)
     details = version.as_dict()
     if "champion" in version.aliases:
         details["champion_history"] = [change.as_dict() for change in registry.history()]
-    print(json.dumps(details, indent=2))
+    print(json.dumps(details) if json_output else json.dumps(details, indent=2))
+
+
+def _print_change(change: Any, json_output: bool, unchanged: str) -> None:
+    """A move of the champion as one line (or its JSON); `unchanged` when nothing moved."""
+    if json_output:
+        print(json.dumps(change.as_dict() if change else None))
+    elif change is None:
+        print(unchanged)
+    else:
+        print(f"champion: version {change.previous} -> {change.version} ({change.reason})")
 
 
 @models_app.command()
@@ -72,23 +82,21 @@ def promote(
     version: Annotated[int, typer.Argument(help="The version to make the champion.")],
     reason: Annotated[str, typer.Option(help="Why, kept in the alias history.")] = "promoted by hand",
     artifacts_dir: ArtifactsDir = "artifacts",
+    json_output: JsonOpt = False,
 ) -> None:
     """Make a version the champion, whatever its accuracy; the change is kept in the history."""
     change = _registry(artifacts_dir).set_alias(version, reason)
-    if change is None:
-        print(f"version {version} is already the champion")
-    else:
-        print(f"champion: version {change.previous} -> {change.version} ({change.reason})")
+    _print_change(change, json_output, f"version {version} is already the champion")
 
 
 @models_app.command()
 def rollback(
     reason: Annotated[str, typer.Option(help="Why, kept in the alias history.")] = "rolled back by hand",
     artifacts_dir: ArtifactsDir = "artifacts",
+    json_output: JsonOpt = False,
 ) -> None:
-    """Point the champion back at the version it pointed at before its latest change."""
-    change = _registry(artifacts_dir).rollback(reason)
-    print(f"champion: version {change.previous} -> {change.version} ({change.reason})")
+    """Walk the champion one step back along its history: each rollback goes one version further back."""
+    _print_change(_registry(artifacts_dir).rollback(reason), json_output, "")
 
 
 @models_app.command("import")

@@ -8,9 +8,15 @@ every task run of its flow run is recorded in a final state.
 
 One PREFECT_HOME has at most one such server. Its record ($PREFECT_HOME/featuresum-server.json)
 names the process by pid and start time, so a reused pid or another program on the recorded port
-is never taken for it. The server leads a process group of its own, together with the process that
-copies its output into a size-capped rotating log; stopping it ends that whole group. Process
-identity and group membership are read from /proc, so this module needs Linux.
+is not taken for it. A record without a matching start time (written by an earlier version, or
+before a step of the wall clock, which start times follow) counts only while that pid listens on the
+recorded port. The server leads a process group of its own, together with the process that copies
+its output into a size-capped rotating log; stopping it ends that whole group.
+
+Prefect's own `prefect server start --background` does not cover this: it returns before the server
+answers, gives up when the port is taken, sends the server's output to a pipe that nobody reads, and
+records a bare pid that `prefect server stop` signals without checking it or waiting. Processes are
+looked at through psutil and locks are fcntl locks, so this works on Linux and macOS (POSIX), not Windows.
 """
 
 import fcntl
@@ -22,13 +28,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
+from http.client import HTTPException
 from importlib.metadata import version
 from pathlib import Path
 from typing import BinaryIO
+
+import psutil
 
 DEFAULT_PORT = 4200
 SERVER_STATE = "featuresum-server.json"
@@ -45,6 +55,8 @@ LOG_LINE_LIMIT = 64 * 1024
 START_ATTEMPTS = 3
 # How long processes that ignored SIGTERM and got SIGKILL may take to disappear.
 KILL_WAIT = 10.0
+# The local server answers its health check in milliseconds; one that takes longer is starting or busy.
+HEALTH_TIMEOUT = 2.0
 
 # Run in the new process group's leader: start the log copier, then become the server.
 _LAUNCH = (
@@ -77,44 +89,45 @@ def configured_api_url() -> str | None:
     return get_current_settings().api.url or None
 
 
-def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
-    """Whether a Prefect API answers its health check (which needs no credentials)."""
+def api_health(api_url: str, timeout: float = 5.0) -> str:
+    """How a Prefect API answers its health check (which needs no credentials): "ok", "refused" or "silent".
+
+    "refused": nothing listens there. "silent": no answer within `timeout` seconds, or not a healthy one.
+    """
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
-        return False
+            return "ok" if response.status == 200 else "silent"
+    except urllib.error.URLError as error:
+        return "refused" if isinstance(error.reason, ConnectionRefusedError) else "silent"
+    except (OSError, HTTPException):  # timed out, reset, or not HTTP at all
+        return "silent"
 
 
-# Processes, as /proc describes them.
+# Processes, as psutil describes them.
+
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3 and on of /proc/<pid>/stat (state, ppid, pgrp, ...), or None when there is no such process."""
+def process_start_time(pid: int) -> float | None:
+    """When the process `pid` started, in seconds since the epoch; None if it is gone or a zombie."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # gone, possibly while we read
+        process = psutil.Process(pid)
+        return None if process.status() in _GONE else process.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone (zombies included), or not ours to look at
         return None
-    # The command name (field 2) is in parentheses and may itself contain spaces and parentheses.
-    return text[text.rindex(")") + 2 :].split()
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """When the process `pid` started, in clock ticks since boot; None if it is gone or a zombie."""
-    fields = _proc_stat(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 def process_group_members(pgid: int) -> list[int]:
     """The processes of process group `pgid` that are still running (zombies excluded)."""
     members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _proc_stat(int(entry.name))
-            if fields is not None and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-                members.append(int(entry.name))
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() not in _GONE:
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):  # gone while we looked
+            continue
+        except psutil.AccessDenied:  # in the group, state unknown: count it until it is gone
+            members.append(process.pid)
     return members
 
 
@@ -145,24 +158,12 @@ def stop_process_group(pgid: int, timeout: float = 30.0) -> None:
 
 def _holds_listening_port(pid: int, port: int) -> bool:
     """Whether process `pid` owns a TCP socket listening on `port`."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with suppress(FileNotFoundError):
-            for row in Path(table).read_text().splitlines()[1:]:
-                fields = row.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                    inodes.add(f"socket:[{fields[9]}]")
-    if not inodes:
-        return False
     try:
-        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
-    except (FileNotFoundError, PermissionError):
+        # Per process, which needs no privileges on macOS, unlike psutil.net_connections() for the whole system.
+        connections = psutil.Process(pid).net_connections(kind="inet")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    for descriptor in descriptors:
-        with suppress(OSError):
-            if os.readlink(descriptor) in inodes:
-                return True
-    return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
 
 
 # The rotating log.
@@ -265,28 +266,33 @@ def _port_of(api_url: str) -> int:
 
 
 def _recorded_server(home: Path) -> dict | None:
-    """The recorded server's state when its process still runs: same pid, same start time."""
+    """The recorded server's state when its process still runs: same pid, and same start time or recorded port.
+
+    An earlier version recorded no start time, or one in clock ticks; and a step of the wall clock moves
+    the start time psutil reports. Then the process is ours only if it listens on the recorded port.
+    """
     state = _read_state(home)
     pid, url = state.get("pid"), state.get("api_url")
     if not isinstance(pid, int) or not isinstance(url, str):
         return None
-    ticks = process_start_ticks(pid)
-    if ticks is None:
+    started = process_start_time(pid)
+    if started is None:
         return None
-    if "start_ticks" in state:
-        return state if state["start_ticks"] == ticks else None
-    # Recorded by an earlier version, without a start time: ours only if it listens on the recorded port.
-    return {**state, "start_ticks": ticks} if _holds_listening_port(pid, _port_of(url)) else None
+    if state.get("start_time") == started or _holds_listening_port(pid, _port_of(url)):
+        return {**state, "start_time": started}
+    return None
 
 
 def _is_running(state: dict) -> bool:
-    ticks = process_start_ticks(state["pid"])
-    return ticks is not None and ticks == state["start_ticks"]
+    started = process_start_time(state["pid"])
+    return started is not None and started == state["start_time"]
 
 
 def _is_serving(state: dict) -> bool:
     """Whether the recorded process itself listens on its URL and answers the health check there."""
-    return _holds_listening_port(state["pid"], _port_of(state["api_url"])) and is_healthy(state["api_url"])
+    if not _holds_listening_port(state["pid"], _port_of(state["api_url"])):
+        return False
+    return api_health(state["api_url"], timeout=HEALTH_TIMEOUT) == "ok"
 
 
 def _wait_until_serving(state: dict, timeout: float) -> bool:
@@ -355,7 +361,7 @@ def _spawn_server(home: Path, port: int) -> tuple[dict, subprocess.Popen]:
     state = {
         "api_url": url,
         "pid": process.pid,
-        "start_ticks": process_start_ticks(process.pid),
+        "start_time": process_start_time(process.pid),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "database": _database(env, home),
         "prefect_version": version("prefect"),
@@ -440,9 +446,6 @@ def server_status(home: Path) -> dict | None:
     state = _recorded_server(home)
     if state is None:
         return None
-    # Both in seconds since boot, so changes of the wall clock do not matter.
-    started = state["start_ticks"] / os.sysconf("SC_CLK_TCK")
-    now = float(Path("/proc/uptime").read_text().split()[0])
     return {
         "url": state["api_url"].removesuffix("/api"),
         "api_url": state["api_url"],
@@ -451,7 +454,7 @@ def server_status(home: Path) -> dict | None:
         "database": state.get("database", str(home / "prefect.db")),
         "prefect_version": state.get("prefect_version"),
         "started_at": state.get("started_at"),
-        "uptime_seconds": round(max(0.0, now - started), 1),
+        "uptime_seconds": round(max(0.0, time.time() - state["start_time"]), 1),
         "log": state.get("log", str(home / SERVER_LOG)),
     }
 

@@ -3,11 +3,11 @@
 PyTorch's OpenMP threads spin while they wait for each other, so when another process holds a
 core, one of them is descheduled and the rest spin for it: training beside one busy process ran at
 a quarter of its idle speed with two threads, and faster with one (figure 12 of the benchmarks).
-With FEATURESUM_THREADS=auto, the load of other processes is measured from /proc/stat about once a
-second while training and the thread count follows it. It is off by default: the float sums of a
-training step depend on the thread count, so a model trained while the load changed differs in its
-last bits from one trained on an idle machine, and a backfill would no longer give the versions that
-running the dates one by one gives.
+With FEATURESUM_THREADS=auto, the load of other processes is measured from the host's CPU times
+(psutil, on Linux and macOS) about once a second while training and the thread count follows it. It
+is off by default: the float sums of a training step depend on the thread count, so a model trained
+while the load changed differs in its last bits from one trained on an idle machine, and a backfill
+would no longer give the versions that running the dates one by one gives.
 """
 
 import os
@@ -15,22 +15,20 @@ import resource
 import time
 from collections.abc import Callable
 
+import psutil
+
 # The environment variable that turns the policy on: FEATURESUM_THREADS=auto.
 SETTING = "FEATURESUM_THREADS"
 # How often the load of other processes is measured while training.
 INTERVAL_SECONDS = 1.0
-STAT = "/proc/stat"
+# Time spent waiting for IO (Linux) is idle time; time spent running guests (Linux) is counted in user and nice.
+NOT_BUSY = ("idle", "iowait", "guest", "guest_nice")
 
 
-def _host_busy_seconds() -> float | None:
-    """CPU seconds every process on the host has used (all but idle and iowait), or None off Linux."""
-    try:
-        with open(STAT) as stat:
-            fields = [int(value) for value in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+def _host_busy_seconds() -> float:
+    """CPU seconds every process on the host has used (all but idle and, where counted, iowait)."""
+    times = psutil.cpu_times()._asdict()
+    return sum(seconds for field, seconds in times.items() if field not in NOT_BUSY)
 
 
 def _own_seconds() -> float:

@@ -3,13 +3,12 @@
 import subprocess
 import sys
 import time
+from collections import namedtuple
 
 import pytest
 import torch
 
 from featuresum.tasks import cpu, data, training
-
-pytestmark = pytest.mark.skipif(cpu._host_busy_seconds() is None, reason="no /proc/stat: the policy stays off")
 
 
 @pytest.mark.parametrize(
@@ -53,6 +52,15 @@ def test_the_load_of_others_is_the_host_busy_time_less_our_own():
     counters.advance(1.0, host=1.0, own=1.0)  # only our own work: no load of others
     assert load.read() == 0.0
     assert load.read() is None  # no time has passed
+
+
+def test_the_host_busy_time_leaves_out_idle_iowait_and_the_guest_time_counted_in_user(monkeypatch):
+    linux = namedtuple("scputimes", "user nice system idle iowait irq softirq steal guest guest_nice")
+    monkeypatch.setattr(cpu.psutil, "cpu_times", lambda: linux(10.0, 1.0, 5.0, 100.0, 7.0, 2.0, 3.0, 4.0, 6.0, 1.0))
+    assert cpu._host_busy_seconds() == 25.0
+    macos = namedtuple("scputimes", "user nice system idle")  # no iowait, no guests
+    monkeypatch.setattr(cpu.psutil, "cpu_times", lambda: macos(10.0, 1.0, 5.0, 100.0))
+    assert cpu._host_busy_seconds() == 16.0
 
 
 def test_a_host_without_counters_gives_no_reading():

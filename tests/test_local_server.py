@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import prefect
+import psutil
 import pytest
 from prefect.settings import PREFECT_HOME, temporary_settings
 from typer.testing import CliRunner
@@ -36,18 +37,15 @@ def invoke(home: Path, *args: str):
 
 def processes_of(home: Path) -> dict[int, list[str]]:
     """Every running process whose environment has PREFECT_HOME=`home`: {pid: command line}."""
-    wanted = f"PREFECT_HOME={home}".encode()
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or local_server.process_start_ticks(int(entry.name)) is None:
-            continue
+    for process in psutil.process_iter():
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            command = (entry / "cmdline").read_bytes().decode().split("\0")
-        except OSError:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if process.environ().get("PREFECT_HOME") == str(home):
+                found[process.pid] = process.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if wanted in environ:
-            found[int(entry.name)] = command
     return found
 
 
@@ -172,7 +170,7 @@ def test_start_status_stop_beside_a_foreign_listener_and_a_stale_record(tmp_path
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     (tmp_path / local_server.SERVER_STATE).write_text(
-        json.dumps({"api_url": f"http://127.0.0.1:{local_server.DEFAULT_PORT}/api", "pid": gone.pid, "start_ticks": 1})
+        json.dumps({"api_url": f"http://127.0.0.1:{local_server.DEFAULT_PORT}/api", "pid": gone.pid, "start_time": 1.0})
     )
     try:
         started = invoke(tmp_path, "start")
@@ -246,7 +244,7 @@ def test_a_server_that_loses_its_port_to_another_program_starts_on_another(tmp_p
         monkeypatch.setattr(local_server, "_port_is_free", lambda port: True)
         try:
             url = local_server.ensure_local_server(home, timeout=START_TIMEOUT)
-            assert url != f"http://127.0.0.1:{lost}/api" and local_server.is_healthy(url)
+            assert url != f"http://127.0.0.1:{lost}/api" and local_server.api_health(url) == "ok"
             assert "already in use" in (home / local_server.SERVER_LOG).read_text().lower()
         finally:
             local_server.stop_local_server(home)

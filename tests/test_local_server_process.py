@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import psutil
 
 from featuresum.flows import local_server
 
@@ -101,7 +104,7 @@ def test_a_logged_command_and_its_log_copier_form_one_process_group(tmp_path):
         members = local_server.process_group_members(process.pid)
         assert len(members) == 2 and process.pid in members
         copier = next(pid for pid in members if pid != process.pid)
-        assert b"run_log_copier" in Path(f"/proc/{copier}/cmdline").read_bytes()
+        assert "run_log_copier" in " ".join(psutil.Process(copier).cmdline())
         assert os.getpgid(copier) == process.pid
     finally:
         local_server.stop_process_group(process.pid, timeout=20)
@@ -152,12 +155,46 @@ def record(home: Path, **state) -> None:
     (home / local_server.SERVER_STATE).write_text(json.dumps(state))
 
 
+def test_the_health_check_tells_ok_from_refused_from_silent():
+    with answering_health() as url:
+        assert local_server.api_health(url) == "ok"
+        assert local_server.api_health(url.removesuffix("/api") + "/other") == "silent"  # answers 404
+    with socket.socket() as closed:  # bound, not listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        assert local_server.api_health(f"http://127.0.0.1:{closed.getsockname()[1]}/api") == "refused"
+    with socket.socket() as mute:  # listening, never answering
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        assert local_server.api_health(f"http://127.0.0.1:{mute.getsockname()[1]}/api", timeout=0.5) == "silent"
+
+
+def test_a_record_without_a_matching_start_time_is_ours_only_while_its_pid_listens_on_the_port(tmp_path):
+    # This process listens on the recorded port (the health server runs in one of its threads).
+    with answering_health() as url:
+        for older in ({"start_ticks": 12345}, {}, {"start_time": 1.0}):  # earlier versions; a stepped clock
+            record(tmp_path, api_url=url, pid=os.getpid(), **older)
+            status = local_server.server_status(tmp_path)
+            assert status is not None and status["pid"] == os.getpid() and status["healthy"], older
+            assert status["uptime_seconds"] > 0
+    stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        with answering_health() as url:
+            for older in ({"start_ticks": 12345}, {}):
+                record(tmp_path, api_url=url, pid=stranger.pid, **older)
+                assert local_server.server_status(tmp_path) is None, older
+            assert local_server.stop_local_server(tmp_path) is False
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_a_foreign_answer_on_the_recorded_url_is_not_our_server_when_its_pid_is_gone(tmp_path):
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     with answering_health() as url:
-        assert local_server.is_healthy(url)
-        record(tmp_path, api_url=url, pid=finished.pid, start_ticks=1)
+        assert local_server.api_health(url) == "ok"
+        record(tmp_path, api_url=url, pid=finished.pid, start_time=1.0)
         assert local_server.local_server_url(tmp_path) is None
         assert local_server.server_status(tmp_path) is None
         assert local_server.stop_local_server(tmp_path) is False
@@ -167,15 +204,15 @@ def test_a_foreign_answer_on_the_recorded_url_is_not_our_server_when_its_pid_is_
 def test_a_reused_pid_is_never_taken_for_our_server_nor_stopped(tmp_path):
     stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
-        ticks = local_server.process_start_ticks(stranger.pid)
-        assert ticks is not None
+        started = local_server.process_start_time(stranger.pid)
+        assert started is not None
         with answering_health() as url:
-            record(tmp_path, api_url=url, pid=stranger.pid, start_ticks=ticks - 1)
+            record(tmp_path, api_url=url, pid=stranger.pid, start_time=started - 1)
             assert local_server.server_status(tmp_path) is None
             assert local_server.local_server_url(tmp_path) is None
             assert local_server.stop_local_server(tmp_path) is False
         assert stranger.poll() is None
-        assert local_server.process_start_ticks(stranger.pid) == ticks
+        assert local_server.process_start_time(stranger.pid) == started
     finally:
         stranger.kill()
         stranger.wait()
@@ -185,7 +222,7 @@ def test_our_running_process_is_not_serving_while_another_program_holds_its_port
     ours = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
         with answering_health() as url:
-            record(tmp_path, api_url=url, pid=ours.pid, start_ticks=local_server.process_start_ticks(ours.pid))
+            record(tmp_path, api_url=url, pid=ours.pid, start_time=local_server.process_start_time(ours.pid))
             status = local_server.server_status(tmp_path)
             assert status is not None and status["pid"] == ours.pid
             assert status["healthy"] is False
@@ -199,9 +236,9 @@ def test_our_running_process_is_not_serving_while_another_program_holds_its_port
 def test_a_process_that_exited_counts_as_gone_before_its_parent_collects_it():
     child = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     try:
-        assert local_server.process_start_ticks(os.getpid()) is not None
-        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
-        assert local_server.process_start_ticks(child.pid) is None
+        assert local_server.process_start_time(os.getpid()) is not None
+        wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE)
+        assert local_server.process_start_time(child.pid) is None
         assert local_server.process_group_members(child.pid) == []
     finally:
         child.wait()

@@ -205,7 +205,7 @@ def import_state_dict(
     target = imported_checkpoint_path(storage.resolve(artifacts_dir), source_fingerprint)
     registry = Registry(artifacts_dir)
     # One import of a file at a time, so two at once neither rewrite the checkpoint nor measure it twice.
-    with storage.exclusive(target):
+    with storage.local_lock(target):
         if (known := _imported_version(registry, source_fingerprint)) is not None:
             if not storage.exists(known.checkpoint):
                 _restore_checkpoint(known, weights, source_fingerprint)

@@ -167,7 +167,7 @@ def generate_dataset(
 ) -> dict[str, Any]:
     """Generate one date's partition of a labelled synthetic dataset and write it to Parquet."""
     target, key = storage.at(path), _own_key()
-    with storage.exclusive(target):
+    with storage.local_lock(target):
         if done := _reuse(target, key, refresh):
             return done
         get_run_logger().info("Generating %d %s rows for %s (seed %d) into %s", rows, stream, day, seed, path)
@@ -218,7 +218,7 @@ def train_model(
     With `init` (a checkpoint's path and fingerprint), training starts from that model's weights.
     """
     target, key = storage.at(path), _own_key()
-    with storage.exclusive(target):
+    with storage.local_lock(target):
         if done := _reuse(target, key, refresh):
             return done
         return _train(train, holdout, TrainConfig(**config), device, target, key, init)
@@ -323,7 +323,7 @@ def score_shard(
 ) -> dict[str, Any]:
     """Score some row groups of a feature file in streamed batches; write their predictions to Parquet."""
     target, key = storage.at(path), _own_key()
-    with storage.exclusive(target):
+    with storage.local_lock(target):
         if done := _reuse(target, key, refresh):
             return done
         import torch
@@ -367,7 +367,7 @@ def write_predictions(
 ) -> dict[str, Any]:
     """Concatenate scored shards, in order, into the predictions Parquet file (keyed by what they score)."""
     target, key = storage.at(path), _own_key()
-    with storage.exclusive(target):
+    with storage.local_lock(target):
         if done := _reuse(target, key, refresh):
             _remove_parts(target, shards)
             return done

@@ -1,4 +1,4 @@
-"""S3-compatible object storage behind storage.py's `s3://bucket/key` locations.
+"""S3-compatible object storage behind the storage package's `s3://bucket/key` locations.
 
 Streams (Parquet reads and writes) go through pyarrow's S3FileSystem. What pyarrow has no answer for
 goes through botocore: the ETag of the object a write created, and conditional writes (`If-Match`,
@@ -150,6 +150,15 @@ def arrow_error(uri: str, error: OSError) -> Exception | None:
         if name in text:
             return InputError(f"{uri}: {meaning}")
     return None
+
+
+@contextmanager
+def arrow_errors(location: object) -> Iterator[None]:
+    """pyarrow's errors of the object store as featuresum's: a missing bucket or refused key is the user's."""
+    try:
+        yield
+    except OSError as error:
+        raise (arrow_error(str(location), error) or error) from None
 
 
 def is_transient(error: BaseException) -> bool:

@@ -21,6 +21,7 @@ from featuresum.flows.pipeline import pipeline_flow, score_flow
 from featuresum.tasks import data, storage
 from featuresum.tasks.checkpoint import load_checkpoint
 from featuresum.tasks.registry import Registry
+from featuresum.tasks.storage import files
 
 
 def task_runs(flow_run_id):
@@ -41,7 +42,7 @@ def test_transient_write_failure_is_retried(prefect, tmp_path, monkeypatch):
             raise OSError(5, "Input/output error (injected)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(storage.os, "replace", flaky_replace)
+    monkeypatch.setattr(files.os, "replace", flaky_replace)
     summary = pipeline_flow(**SMALL, data_dir=str(tmp_path / "d"), artifacts_dir=str(tmp_path / "a"))
     assert len(failures) == 1
     runs = task_runs(summary["flow_run_id"])

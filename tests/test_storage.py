@@ -134,11 +134,19 @@ def test_leftover_temporary_files_are_swept_by_age_never_a_live_writers(tmp_path
     assert old_live.exists() and young_dead.exists() and kept.exists() and foreign.exists()
 
 
+def test_the_code_version_hashes_every_module_under_tasks_subpackages_included(tmp_path):
+    for name in ("b.py", "a/z.py", "a/b/c.py", "a/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_file(tmp_path / name)
+    assert [name for name, _ in storage.source_files(tmp_path)] == ["a/b/c.py", "a/z.py", "b.py"]
+    assert {"storage/parquet.py", "prefect_tasks.py"} <= {name for name, _ in storage.source_files()}
+
+
 def test_a_lock_lets_one_producer_work_at_a_time(tmp_path):
     target, order = tmp_path / "out.bin", []
 
     def produce(name):
-        with storage.exclusive(target):
+        with storage.local_lock(target):
             order.append(f"{name} in")
             time.sleep(0.3)
             order.append(f"{name} out")

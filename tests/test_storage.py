@@ -16,7 +16,7 @@ import pytest
 
 from featuresum.tasks import data, storage
 from featuresum.tasks.errors import DiskFull, InputError
-from featuresum.tasks.prefect_tasks import is_transient_error
+from featuresum.tasks.task_policy import is_transient_error
 
 
 def write_file(path, text="content"):

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from featuresum.tasks import storage
 from featuresum.tasks.errors import InputError
+from featuresum.tasks.figures import format_figure
 
 REFERENCE_BINS = 10
 # The Prefect event a batch at level alert emits; `featuresum serve --retrain-on-drift` triggers on it.
@@ -265,12 +266,7 @@ def chart(rows: list[dict[str, Any]], alert: float, width: int = 24) -> str:
     for row in rows:
         value = row["feature_sum_psi"]
         bar = "" if value is None else "█" * max(1, round(width * value / scale)) if value > 0 else ""
-        lines.append(
-            f"| {row['run_date']} | {row['model_version'] or row['model_fingerprint'][:12]} | {_figure(value)} "
-            f"| `{bar or ' '}` | {row['level']} | {_figure(row['accuracy'])} |"
-        )
+        model = row["model_version"] or row["model_fingerprint"][:12]
+        psi_text, accuracy = format_figure(value, "n/a"), format_figure(row["accuracy"], "n/a")
+        lines.append(f"| {row['run_date']} | {model} | {psi_text} | `{bar or ' '}` | {row['level']} | {accuracy} |")
     return "\n".join(lines)
-
-
-def _figure(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from featuresum.tasks import monitoring
 from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES
+from featuresum.tasks.figures import format_figure
 from featuresum.tasks.scoring import ScoreSummary
 
 if TYPE_CHECKING:
@@ -38,14 +39,11 @@ def _confusion_markdown(confusion: torch.Tensor) -> str:
     return "\n".join([header, rule, *rows])
 
 
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def publish_training(
     history: list[dict[str, float]], metrics: dict[str, Any], confusion: torch.Tensor, checkpoint: str
 ) -> None:
     """Per-epoch table and a markdown report (final metrics, confusion matrix, checkpoint path)."""
+    accuracy = format_figure(metrics["val_accuracy"], "n/a")
     create_table_artifact(
         key="featuresum-training-history",
         table=[
@@ -64,8 +62,8 @@ def publish_training(
         markdown="\n".join(
             [
                 "# Training report",
-                f"- held-out accuracy: **{_number(metrics['val_accuracy'])}** on {metrics['holdout_rows']} rows",
-                f"- final training loss: {_number(metrics['train_loss'])}",
+                f"- held-out accuracy: **{accuracy}** on {metrics['holdout_rows']} rows",
+                f"- final training loss: {format_figure(metrics['train_loss'], 'n/a')}",
                 f"- epochs: {len(history)}",
                 f"- checkpoint: `{checkpoint}`",
                 "",
@@ -78,7 +76,7 @@ def publish_training(
 
 def publish_predictions(summary: ScoreSummary, predictions: str) -> None:
     """Class histogram of the predictions, with the file, its row count and labelled accuracy."""
-    accuracy = "n/a" if summary.accuracy is None else f"{summary.accuracy:.4f}"
+    accuracy = format_figure(summary.accuracy, "n/a")
     create_table_artifact(
         key="featuresum-predictions",
         description=(
@@ -110,12 +108,12 @@ def publish_promotion(decision: dict[str, Any]) -> None:
             {
                 "model": "challenger",
                 "version": decision["model_version"],
-                "held_out_accuracy": _number(decision["challenger_accuracy"]),
+                "held_out_accuracy": format_figure(decision["challenger_accuracy"], "n/a"),
             },
             {
                 "model": "champion before the gate",
                 "version": decision["previous_champion"],
-                "held_out_accuracy": _number(decision["champion_accuracy"]),
+                "held_out_accuracy": format_figure(decision["champion_accuracy"], "n/a"),
             },
         ],
     )

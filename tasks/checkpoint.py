@@ -44,6 +44,25 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def load_weights_only(source: Path | io.BytesIO, path: storage.Location, what: str, refused: str) -> Any:
+    """torch.load without running any code stored in `source`; InputError naming `path` when it cannot or will not.
+
+    `what` names the kind of file in the message for unreadable bytes ("checkpoint"); `refused` says
+    why a file that holds more than tensors and plain types is not loaded.
+    """
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing a file; our error says it better.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused: {refused}") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path}: not a readable PyTorch {what} ({_first_line(error)})") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read ({error.strerror or _first_line(error)})") from None
+
+
 def load_checkpoint(path: storage.Location, fingerprint: str | None = None) -> dict[str, Any]:
     """Load and validate a featuresum checkpoint without running any code stored in it.
 
@@ -68,17 +87,8 @@ def load_checkpoint(path: storage.Location, fingerprint: str | None = None) -> d
         )
     if content[: len(ZIP_MAGIC)] != ZIP_MAGIC:
         raise InputError(f"{path}: refused: not a featuresum checkpoint (not a PyTorch archive; nothing was loaded)")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols before refusing a file; our error says it better.
-            warnings.simplefilter("ignore", UserWarning)
-            checkpoint = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise InputError(f"{path}: refused: not a weights-only checkpoint (loading it could run code)") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
-    except OSError as error:
-        raise InputError(f"{path}: cannot be read ({error.strerror or _first_line(error)})") from None
+    refused = "not a weights-only checkpoint (loading it could run code)"
+    checkpoint = load_weights_only(io.BytesIO(content), path, "checkpoint", refused)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a featuresum checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     try:

@@ -14,9 +14,6 @@ writes the same bytes for the same content), and a readable one already there is
 
 import hashlib
 import io
-import pickle
-import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -31,6 +28,7 @@ from featuresum.tasks.checkpoint import (
     CHECKPOINT_FORMAT,
     ZIP_MAGIC,
     load_checkpoint,
+    load_weights_only,
     model_from_checkpoint,
     save_checkpoint,
 )
@@ -56,11 +54,6 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = FeatureSumMLP(ModelConfig())
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _names(names: list[str]) -> str:
@@ -111,21 +104,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: cannot be read ({error.strerror})") from None
     if magic != ZIP_MAGIC:
         raise InputError(f"{path}: not a PyTorch file (nothing was loaded); expected {STATE_DICT}")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols before refusing a file; our error says it better.
-            warnings.simplefilter("ignore", UserWarning)
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise InputError(
-            f"{path}: refused: it holds more than tensors, e.g. a whole pickled model (loading it could run code); "
-            f"expected {STATE_DICT}"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: not a readable PyTorch file ({_first_line(error)})") from None
-    except OSError as error:
-        raise InputError(f"{path}: cannot be read ({error.strerror or _first_line(error)})") from None
-    return check_state_dict(loaded, path)
+    refused = (
+        f"it holds more than tensors, e.g. a whole pickled model (loading it could run code); expected {STATE_DICT}"
+    )
+    return check_state_dict(load_weights_only(path, path, "file", refused), path)
 
 
 def wrap_state_dict(weights: dict[str, torch.Tensor], source: str, source_fingerprint: str) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class Model:
 
 
 def _check_columns(df: pd.DataFrame) -> None:
+    """InputError unless `df` is a DataFrame with the feature columns, once each, of the types a feature file has."""
     if not isinstance(df, pd.DataFrame):
         raise InputError(f"expected a pandas DataFrame with columns f000..f783, got {type(df).__name__}")
     missing = [name for name in storage.FEATURE_COLUMNS if name not in df.columns]
@@ -55,15 +56,16 @@ def _check_columns(df: pd.DataFrame) -> None:
         raise InputError(f"expected the feature columns f000..f783: missing {missing[0]}{more}")
     if df.columns.duplicated().any():
         raise InputError(f"column {df.columns[df.columns.duplicated()][0]} appears more than once")
-    for name in storage.FEATURE_COLUMNS:
-        kind = df[name].dtype
-        if not (pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind)):
-            raise InputError(f"column {name} has type {kind}, expected a number")
-    if "sample_id" in df.columns:
-        if not pd.api.types.is_integer_dtype(df["sample_id"].dtype):
-            raise InputError(f"column sample_id has type {df['sample_id'].dtype}, expected an integer")
-        if df["sample_id"].isna().any():
-            raise InputError("column sample_id has missing values")
+    # A label, like any other column, is ignored: predictions do not read it.
+    checked = [*storage.FEATURE_COLUMNS, *(["sample_id"] if "sample_id" in df.columns else [])]
+    storage.check_column_types(_column_type(name, df[name].dtype) for name in checked)
+    if "sample_id" in df.columns and df["sample_id"].isna().any():
+        raise InputError("column sample_id has missing values")
+
+
+def _column_type(name: str, kind: object) -> tuple[str, object, bool, bool]:
+    number = pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind)
+    return name, kind, number, pd.api.types.is_integer_dtype(kind)
 
 
 def _feature_batches(df: pd.DataFrame) -> Iterator[tuple[np.ndarray, np.ndarray, None]]:

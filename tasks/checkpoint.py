@@ -3,6 +3,11 @@
 A checkpoint holds `format`, `model` (state dict), `model_config`, `class_boundaries`,
 `train_config`, `optimizer`, `scheduler`, `rng_state`, `epoch`, `history` and provenance such as
 `metrics`, `data_fingerprint` and `holdout_fingerprint`. It loads with `torch.load(weights_only=True)`.
+
+A checkpoint's own fingerprint is the SHA-256 of its bytes. `holdout_fingerprint` is the held-out
+file's fingerprint (its content hash, or for a generated file the key of its specification: see
+storage.manifests); `data_fingerprint` is one key over the training partitions' fingerprints, which
+identifies the training rows without being any one file's hash.
 """
 
 import hashlib

@@ -56,7 +56,8 @@ HISTORY_SCHEMA = pa.schema(
         ("flow_run_id", pa.string()),
     ]
 )
-# What a batch of the history is: the model that scored it, the rows it scored, and their date.
+# What a batch of the history is: the model that scored it, the rows it scored, and their date. Both
+# fingerprints are those the files' manifests record, or their content hashes (see storage.manifests).
 HISTORY_KEY = ("model_fingerprint", "batch_fingerprint", "run_date")
 # Columns of a predictions file that monitoring reads, in batches of this many rows.
 PREDICTION_COLUMNS = ["feature_sum", "predicted_class", "confidence"]

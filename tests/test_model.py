@@ -1,9 +1,10 @@
 """Model shapes, a short training run, checkpoints and resuming."""
 
+import pytest
 import torch
 
-from featuresum.tasks import data, settings, training
-from featuresum.tasks.checkpoint import model_from_checkpoint, save_checkpoint
+from featuresum.tasks import data, fitting, settings, storage, training
+from featuresum.tasks.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from featuresum.tasks.model import FeatureSumMLP
 
 
@@ -67,6 +68,49 @@ def test_resuming_gives_the_same_model_as_an_uninterrupted_run():
     assert resumed.epoch == 3
     for key, value in straight.model.state_dict().items():
         assert torch.allclose(value, resumed.model.state_dict()[key]), key
+
+
+def partition(path, seed, stream, rows):
+    shards = data.generate_dataset(seed, stream, rows)
+    storage.write_parquet(path, storage.DATASET_SCHEMA, map(storage.shard_to_batch, shards))
+    return {"path": str(path), "fingerprint": storage.fingerprint(path)}
+
+
+def test_a_checkpoint_trained_from_files_reports_progress_resumes_when_killed_and_records_its_manifest(tmp_path):
+    train = [partition(tmp_path / "a.parquet", 5, "train", 800), partition(tmp_path / "b.parquet", 6, "train", 800)]
+    holdout = partition(tmp_path / "holdout.parquet", 5, "holdout", 400)
+    config, target, progress, reports = (
+        training.TrainConfig(epochs=2, batch_size=128, seed=5),
+        tmp_path / "m.pt",
+        [],
+        [],
+    )
+
+    def killed_after_the_first_epoch(percent):
+        progress.append(percent)
+        if percent == 50.0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fitting.train_checkpoint(train, holdout, config, "cpu", target, "key", on_progress=killed_after_the_first_epoch)
+    assert progress == [0.0, 50.0] and storage.exists(storage.partial_checkpoint_path(target))
+    manifest = fitting.train_checkpoint(
+        train,
+        holdout,
+        config,
+        "cpu",
+        target,
+        "key",
+        on_progress=progress.append,
+        on_report=lambda *a: reports.append(a),
+    )
+    assert progress == [0.0, 50.0, 50.0, 100.0]
+    assert (manifest["start_epoch"], manifest["epochs_completed"]) == (1, 2) and storage.is_intact(target, "key")
+    assert len(reports) == 1 and reports[0][1] == manifest["metrics"] and reports[0][3] == str(target)
+    assert not storage.exists(storage.partial_checkpoint_path(target))
+    checkpoint = load_checkpoint(target, manifest["fingerprint"])
+    assert checkpoint["data_fingerprint"] == storage.spec_key({"partitions": [part["fingerprint"] for part in train]})
+    assert checkpoint["holdout_fingerprint"] == holdout["fingerprint"] and checkpoint["init_fingerprint"] is None
 
 
 def test_cuda_falls_back_to_the_cpu_with_a_warning_when_absent(monkeypatch, tmp_path):

@@ -97,9 +97,10 @@ class LocalPrefect:
     def _api(self, path: str, body: dict | None = None) -> Any:
         from featuresum.flows import local_server
 
-        url = local_server.local_server_url(self.home)
-        if url is None:
+        status = local_server.server_status(self.home)
+        if status is None:
             raise RuntimeError(f"no local Prefect server is up under {self.home}")
+        url = status["api_url"]
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -346,7 +347,7 @@ def _cached_floor(sizes: Sizes, cli: LocalPrefect, overrides: dict[str, Any]) ->
     dirs = cli.fresh_dirs("cached")
     run_args = ["run", *cli_options(overrides), *dirs]
     cli.featuresum(*run_args)
-    floor_env = {**cli.env, "PREFECT_API_URL": local_server.local_server_url(cli.home)}
+    floor_env = {**cli.env, "PREFECT_API_URL": local_server.server_status(cli.home)["api_url"]}
     floor = [sys.executable, "-m", "benchmarks.prefect_floor"]
     _process_seconds(floor, floor_env)  # fills the floor flow's cache
     probe = subprocess.run(

@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -31,38 +30,23 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.client import HTTPException
 from importlib.metadata import version
 from pathlib import Path
-from typing import BinaryIO
 
-import psutil
+from featuresum.flows.processes import holds_listening_port, process_start_time, stop_process_group
+from featuresum.flows.server_log import spawn_logged
 
 DEFAULT_PORT = 4200
 SERVER_STATE = "featuresum-server.json"
 SERVER_LOG = "featuresum-server.log"
 SERVER_LOCK = "featuresum-server.lock"
-# The server logs warnings and errors only (one start-up banner, then a few lines per problem), so 5 MiB
-# holds weeks of a healthy server and the whole story of a failing one, while the log plus two backups
-# never take more than 15 MiB of PREFECT_HOME however long the server runs.
-LOG_MAX_BYTES = 5 * 1024 * 1024
-LOG_BACKUPS = 2
-# A line without a newline (a binary dump, a runaway progress bar) is cut into pieces of this size.
-LOG_LINE_LIMIT = 64 * 1024
 # Another program may take the port between our probe and the server's bind; then we try another port.
 START_ATTEMPTS = 3
-# How long processes that ignored SIGTERM and got SIGKILL may take to disappear.
-KILL_WAIT = 10.0
 # The local server answers its health check in milliseconds; one that takes longer is starting or busy.
 HEALTH_TIMEOUT = 2.0
-
-# Run in the new process group's leader: start the log copier, then become the server.
-_LAUNCH = (
-    "import sys; from featuresum.flows.local_server import exec_with_log_copier; exec_with_log_copier(*sys.argv[1:])"
-)
-_COPY = "import sys; from featuresum.flows.local_server import run_log_copier; run_log_copier(sys.argv[1])"
 
 
 class ServerError(RuntimeError):
@@ -101,138 +85,6 @@ def api_health(api_url: str, timeout: float = 5.0) -> str:
         return "refused" if isinstance(error.reason, ConnectionRefusedError) else "silent"
     except (OSError, HTTPException):  # timed out, reset, or not HTTP at all
         return "silent"
-
-
-# Processes, as psutil describes them.
-
-_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-
-
-def process_start_time(pid: int) -> float | None:
-    """When the process `pid` started, in seconds since the epoch; None if it is gone or a zombie."""
-    try:
-        process = psutil.Process(pid)
-        return None if process.status() in _GONE else process.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone (zombies included), or not ours to look at
-        return None
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """The processes of process group `pgid` that are still running (zombies excluded)."""
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() not in _GONE:
-                members.append(process.pid)
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):  # gone while we looked
-            continue
-        except psutil.AccessDenied:  # in the group, state unknown: count it until it is gone
-            members.append(process.pid)
-    return members
-
-
-def stop_process_group(pgid: int, timeout: float = 30.0) -> None:
-    """SIGTERM process group `pgid`, SIGKILL it after `timeout` seconds, and return once it is gone."""
-
-    def gone_within(seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while process_group_members(pgid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
-
-    with suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-        # A stopped process (SIGSTOP, ^Z) acts on SIGTERM only once continued.
-        os.killpg(pgid, signal.SIGCONT)
-    if not gone_within(timeout):
-        with suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        if not gone_within(KILL_WAIT):
-            raise ServerError(f"process group {pgid} is still running {KILL_WAIT:g}s after SIGKILL")
-    # Collect the leader's exit status if we started it, so no zombie of it lingers in this process.
-    with suppress(ChildProcessError):
-        os.waitpid(pgid, os.WNOHANG)
-
-
-def _holds_listening_port(pid: int, port: int) -> bool:
-    """Whether process `pid` owns a TCP socket listening on `port`."""
-    try:
-        # Per process, which needs no privileges on macOS, unlike psutil.net_connections() for the whole system.
-        connections = psutil.Process(pid).net_connections(kind="inet")
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
-
-
-# The rotating log.
-
-
-def _rotate(path: Path, backups: int) -> None:
-    """Shift `path` to `path`.1, .1 to .2 and so on, dropping the oldest beyond `backups`."""
-    if backups < 1:
-        path.unlink(missing_ok=True)
-        return
-    for index in range(backups - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{index}")
-        if older.exists():
-            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
-    os.replace(path, path.with_name(f"{path.name}.1"))
-
-
-def copy_to_rotating_log(
-    stream: BinaryIO, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS
-) -> None:
-    """Append `stream` to `path` line by line until it ends, starting a new file before one would pass `max_bytes`."""
-    out = path.open("ab")
-    size = out.tell()
-    try:
-        while line := stream.readline(LOG_LINE_LIMIT):
-            if size and size + len(line) > max_bytes:
-                out.close()
-                _rotate(path, backups)
-                out = path.open("ab")
-                size = 0
-            out.write(line)
-            # Line by line, so the log is readable while the server runs and complete when it dies.
-            out.flush()
-            size += len(line)
-    finally:
-        out.close()
-
-
-def run_log_copier(log: str) -> None:
-    """Copy standard input into the rotating log `log` until the writer closes it."""
-    # SIGTERM goes to the whole group; the copier stays to record the server's last words and leaves at
-    # end of input, which comes when the server has exited.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    copy_to_rotating_log(sys.stdin.buffer, Path(log))
-
-
-def exec_with_log_copier(log: str, *command: str) -> None:
-    """Start the log copier as a child, then replace this process by `command` writing into it."""
-    read_end, write_end = os.pipe()
-    # The child stays in this process group; its own errors go to our stderr, which is the log file.
-    subprocess.Popen([sys.executable, "-c", _COPY, log], stdin=read_end, stdout=subprocess.DEVNULL)
-    os.close(read_end)
-    os.dup2(write_end, 1)
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    os.execv(command[0], list(command))
-
-
-def spawn_logged(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start `command` leading a new process group, its output copied into the rotating log `log`."""
-    with log.open("ab") as early:  # for anything said before the copier runs
-        return subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, str(log), *command],
-            stdin=subprocess.DEVNULL,
-            stdout=early,
-            stderr=early,
-            env=env,
-            start_new_session=True,
-        )
 
 
 # The local server.
@@ -278,7 +130,7 @@ def _recorded_server(home: Path) -> dict | None:
     started = process_start_time(pid)
     if started is None:
         return None
-    if state.get("start_time") == started or _holds_listening_port(pid, _port_of(url)):
+    if state.get("start_time") == started or holds_listening_port(pid, _port_of(url)):
         return {**state, "start_time": started}
     return None
 
@@ -290,7 +142,7 @@ def _is_running(state: dict) -> bool:
 
 def _is_serving(state: dict) -> bool:
     """Whether the recorded process itself listens on its URL and answers the health check there."""
-    if not _holds_listening_port(state["pid"], _port_of(state["api_url"])):
+    if not holds_listening_port(state["pid"], _port_of(state["api_url"])):
         return False
     return api_health(state["api_url"], timeout=HEALTH_TIMEOUT) == "ok"
 
@@ -433,12 +285,6 @@ def ensure_local_server(home: Path, timeout: float = 180.0) -> str:
             if url := _start_server(home, timeout, _free_port(default=attempt == 0)):
                 return url
         raise ServerError(f"other programs took every port the local Prefect server tried; see {home / SERVER_LOG}")
-
-
-def local_server_url(home: Path) -> str | None:
-    """URL of the local server recorded under `home`, if it runs and answers."""
-    state = _recorded_server(home)
-    return state["api_url"] if state and _is_serving(state) else None
 
 
 def server_status(home: Path) -> dict | None:

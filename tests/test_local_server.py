@@ -20,7 +20,7 @@ import pytest
 from prefect.settings import PREFECT_HOME, temporary_settings
 from typer.testing import CliRunner
 
-from featuresum.flows import local_server
+from featuresum.flows import local_server, processes
 from featuresum.flows.cli.server import server_app
 
 pytestmark = pytest.mark.server
@@ -101,7 +101,7 @@ def test_status_shows_url_pid_database_version_uptime_and_log(running):
     # The server's output reaches the log through the copier, which shares the server's process group.
     assert report["log"] == str(running / local_server.SERVER_LOG)
     assert f"127.0.0.1:{port}" in Path(report["log"]).read_text()
-    members = local_server.process_group_members(status["pid"])
+    members = processes.process_group_members(status["pid"])
     assert len(members) == 2 and status["pid"] in members
     assert any("run_log_copier" in " ".join(processes_of(running)[pid]) for pid in members)
 
@@ -185,7 +185,7 @@ def test_start_status_stop_beside_a_foreign_listener_and_a_stale_record(tmp_path
         assert stopped.exit_code == 0, stopped.output
         assert f"pid {status['pid']}" in stopped.stdout
         # stop returns only once the whole group is gone, and with it the port.
-        assert local_server.process_group_members(status["pid"]) == []
+        assert processes.process_group_members(status["pid"]) == []
         assert processes_of(tmp_path) == {}
         assert port_is_free(port)
         assert not (tmp_path / local_server.SERVER_STATE).exists()

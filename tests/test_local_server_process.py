@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from featuresum.flows import local_server
+from featuresum.flows import local_server, processes, server_log
 
 
 def test_every_task_run_of_a_many_task_flow_is_recorded(cli):
@@ -32,7 +32,7 @@ def test_every_task_run_of_a_many_task_flow_is_recorded(cli):
     assert len(flow_run_ids) == 2
 
     home = Path(cli.env["PREFECT_HOME"])
-    assert local_server.local_server_url(home).startswith("http://127.0.0.1:")
+    assert local_server.server_status(home)["api_url"].startswith("http://127.0.0.1:")
     with sqlite3.connect(home / "prefect.db") as db:
         for flow_run_id in flow_run_ids:
             states = db.execute(
@@ -48,7 +48,7 @@ def test_the_rotating_log_caps_each_file_and_keeps_the_newest_lines(tmp_path):
         writer.write(b"".join(lines))
     log = tmp_path / "server.log"
     with os.fdopen(read_end, "rb") as stream:
-        local_server.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
+        server_log.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
 
     files = [log.with_name(f"{log.name}.2"), log.with_name(f"{log.name}.1"), log]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["server.log", "server.log.1", "server.log.2"]
@@ -64,7 +64,7 @@ def test_the_rotating_log_counts_what_an_earlier_server_wrote(tmp_path):
     with os.fdopen(write_end, "wb") as writer:
         writer.write(b"new line\n")
     with os.fdopen(read_end, "rb") as stream:
-        local_server.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
+        server_log.copy_to_rotating_log(stream, log, max_bytes=100, backups=2)
     assert log.read_bytes() == b"new line\n"
     assert log.with_name("server.log.1").read_bytes() == b"x" * 95 + b"\n"
 
@@ -98,17 +98,17 @@ def with_group_killed(process: subprocess.Popen) -> None:
 
 def test_a_logged_command_and_its_log_copier_form_one_process_group(tmp_path):
     log = tmp_path / "command.log"
-    process = local_server.spawn_logged([sys.executable, "-c", SAYS_BYE_ON_SIGTERM], log, dict(os.environ))
+    process = server_log.spawn_logged([sys.executable, "-c", SAYS_BYE_ON_SIGTERM], log, dict(os.environ))
     try:
         wait_for(lambda: b"started" in log.read_bytes())
-        members = local_server.process_group_members(process.pid)
+        members = processes.process_group_members(process.pid)
         assert len(members) == 2 and process.pid in members
         copier = next(pid for pid in members if pid != process.pid)
         assert "run_log_copier" in " ".join(psutil.Process(copier).cmdline())
         assert os.getpgid(copier) == process.pid
     finally:
-        local_server.stop_process_group(process.pid, timeout=20)
-    assert local_server.process_group_members(process.pid) == []
+        processes.stop_process_group(process.pid, timeout=20)
+    assert processes.process_group_members(process.pid) == []
     # The copier outlived SIGTERM long enough to record what the command said on its way out.
     assert log.read_bytes() == b"started\nlast words\n"
 
@@ -118,11 +118,11 @@ def test_a_process_group_that_ignores_sigterm_is_killed(tmp_path):
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
     )
     log = tmp_path / "stubborn.log"
-    process = local_server.spawn_logged([sys.executable, "-c", ignores], log, dict(os.environ))
+    process = server_log.spawn_logged([sys.executable, "-c", ignores], log, dict(os.environ))
     try:
         wait_for(lambda: b"up" in log.read_bytes())
-        local_server.stop_process_group(process.pid, timeout=1)
-        assert local_server.process_group_members(process.pid) == []
+        processes.stop_process_group(process.pid, timeout=1)
+        assert processes.process_group_members(process.pid) == []
     finally:
         with_group_killed(process)
 
@@ -195,7 +195,6 @@ def test_a_foreign_answer_on_the_recorded_url_is_not_our_server_when_its_pid_is_
     with answering_health() as url:
         assert local_server.api_health(url) == "ok"
         record(tmp_path, api_url=url, pid=finished.pid, start_time=1.0)
-        assert local_server.local_server_url(tmp_path) is None
         assert local_server.server_status(tmp_path) is None
         assert local_server.stop_local_server(tmp_path) is False
     assert not (tmp_path / local_server.SERVER_STATE).exists()
@@ -204,15 +203,14 @@ def test_a_foreign_answer_on_the_recorded_url_is_not_our_server_when_its_pid_is_
 def test_a_reused_pid_is_never_taken_for_our_server_nor_stopped(tmp_path):
     stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
-        started = local_server.process_start_time(stranger.pid)
+        started = processes.process_start_time(stranger.pid)
         assert started is not None
         with answering_health() as url:
             record(tmp_path, api_url=url, pid=stranger.pid, start_time=started - 1)
             assert local_server.server_status(tmp_path) is None
-            assert local_server.local_server_url(tmp_path) is None
             assert local_server.stop_local_server(tmp_path) is False
         assert stranger.poll() is None
-        assert local_server.process_start_time(stranger.pid) == started
+        assert processes.process_start_time(stranger.pid) == started
     finally:
         stranger.kill()
         stranger.wait()
@@ -222,13 +220,12 @@ def test_our_running_process_is_not_serving_while_another_program_holds_its_port
     ours = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
         with answering_health() as url:
-            record(tmp_path, api_url=url, pid=ours.pid, start_time=local_server.process_start_time(ours.pid))
+            record(tmp_path, api_url=url, pid=ours.pid, start_time=processes.process_start_time(ours.pid))
             status = local_server.server_status(tmp_path)
             assert status is not None and status["pid"] == ours.pid
             assert status["healthy"] is False
-            assert local_server.local_server_url(tmp_path) is None
         assert local_server.stop_local_server(tmp_path) is True
-        assert local_server.process_group_members(ours.pid) == []
+        assert processes.process_group_members(ours.pid) == []
     finally:
         with_group_killed(ours)
 
@@ -236,9 +233,9 @@ def test_our_running_process_is_not_serving_while_another_program_holds_its_port
 def test_a_process_that_exited_counts_as_gone_before_its_parent_collects_it():
     child = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     try:
-        assert local_server.process_start_time(os.getpid()) is not None
+        assert processes.process_start_time(os.getpid()) is not None
         wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE)
-        assert local_server.process_start_time(child.pid) is None
-        assert local_server.process_group_members(child.pid) == []
+        assert processes.process_start_time(child.pid) is None
+        assert processes.process_group_members(child.pid) == []
     finally:
         child.wait()

@@ -198,7 +198,7 @@ def test_dask_workers_with_nothing_but_the_bucket_score_in_shards(on_store, cli,
 
     # A scheduler and two workers, each with its own working directory, HOME and TMPDIR: no disk in common.
     address = f"tcp://127.0.0.1:{free_port()}"
-    api = local_server.local_server_url(Path(cli.env["PREFECT_HOME"]))  # started by the command above
+    api = local_server.server_status(Path(cli.env["PREFECT_HOME"]))["api_url"]  # started by the command above
     started, logs = [], []
     scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]]
     started.append(subprocess.Popen([*scheduler, "--no-dashboard"], start_new_session=True, cwd=tmp_path))

@@ -177,7 +177,7 @@ def api_client(home):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = local_server.local_server_url(home)
+    url = local_server.server_status(home)["api_url"]
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         yield client
 

@@ -19,17 +19,11 @@ from prefect.tasks import Task
 from featuresum.flows.options import PipelineOptions
 from featuresum.tasks import monitoring, storage
 from featuresum.tasks.errors import EnvironmentFailure
-from featuresum.tasks.prefect_tasks import (  # TEMP
-    generate_dataset,
-    monitor_batch,
-    result_storage,
-    score_shard,
-    task_key,
-    train_model,
-    write_predictions,
-)
+from featuresum.tasks.prefect_tasks import generate_dataset, monitor_batch, score_shard, train_model, write_predictions
 from featuresum.tasks.registry import Registry
+from featuresum.tasks.results import result_storage
 from featuresum.tasks.settings import resolve_device
+from featuresum.tasks.task_policy import task_key
 
 # The attribute of an error that ends a flow run, holding the run's task-run record (see Run.reported).
 TASK_RUNS = "featuresum_task_runs"

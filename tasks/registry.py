@@ -255,11 +255,6 @@ class Registry:
         row = conn.execute(f"SELECT * FROM versions WHERE {where} = ?", (value,)).fetchone()
         return None if row is None else _version(row, _aliases_by_version(conn), self._folder)
 
-    @property
-    def path(self) -> storage.Location:
-        """The registry file (it may not exist yet)."""
-        return self._path
-
     @contextmanager
     def _connection(self, database: Path) -> Iterator[sqlite3.Connection]:
         try:

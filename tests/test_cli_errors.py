@@ -194,9 +194,11 @@ def test_waiting_for_task_runs_that_never_arrive_ends_in_one_line(monkeypatch):
     def never(flow_run_id, task_run_ids):
         raise TimeoutError(f"{len(task_run_ids)} task runs of flow run {flow_run_id} were not recorded in 120.0s")
 
-    monkeypatch.setattr(cli.local_server, "wait_for_task_runs", never)
+    from featuresum.flows.cli import _flow_runs
+
+    monkeypatch.setattr(_flow_runs.local_server, "wait_for_task_runs", never)
     with pytest.raises(cli.EnvironmentFailure) as raised:
-        cli._wait_for_task_runs("run-1", {"task-1": "Completed"})
+        _flow_runs._wait_for_task_runs({"flow_run_id": "run-1", "task_runs": {"task-1": "Completed"}})
     assert cli._exit_code(raised.value) == (1, str(raised.value))
     assert "1 task runs of flow run run-1 were not recorded" in str(raised.value)
 

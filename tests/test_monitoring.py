@@ -74,7 +74,7 @@ def test_levels_follow_the_thresholds_given():
     assert monitoring.level((0.15,), 0.2, 0.5) == "ok"
     assert monitoring.level((0.15,), 0.05, 0.1) == "alert"
     monitoring.check_thresholds(0.2, 0.2)
-    with pytest.raises(InputError, match="warn 0.3, alert 0.2"):
+    with pytest.raises(InputError, match="--drift-warn 0.3 is above --drift-alert 0.2"):
         monitoring.check_thresholds(0.3, 0.2)
 
 

@@ -32,7 +32,7 @@ def recent(timestamp):
 def test_register_records_everything_and_a_known_fingerprint_returns_its_version_unchanged(tmp_path):
     registry = Registry(tmp_path / "artifacts")
     first = register(registry, 1, run_date="2026-11-28", window=WINDOW, flow_run_id="run-a")
-    assert registry.path == tmp_path / "artifacts" / REGISTRY_FILE and registry.path.is_file()
+    assert (tmp_path / "artifacts" / REGISTRY_FILE).is_file()
     assert first.version == 1 and first.fingerprint == "fp-1"
     assert first.checkpoint == str(tmp_path / "artifacts" / "model-1.pt")  # relative to the registry's folder
     assert (first.run_date, first.window, first.flow_run_id) == ("2026-11-28", WINDOW, "run-a")
@@ -86,7 +86,7 @@ def test_a_reference_to_nothing_says_in_one_line_what_exists(tmp_path, reference
     register(registry, 2)
     with pytest.raises(InputError) as error:
         registry.resolve(reference)
-    assert str(error.value) == message.format(path=registry.path)
+    assert str(error.value) == message.format(path=tmp_path / REGISTRY_FILE)
     with pytest.raises(InputError, match=r"^no model version 7 in .*registry\.sqlite$"):
         registry.get(7)
 
@@ -222,8 +222,9 @@ def test_a_damaged_registry_or_another_programs_database_is_an_input_error(tmp_p
     registry = Registry(tmp_path / "damaged")
     for n in (1, 2, 3):
         register(registry, n)
-    content = registry.path.read_bytes()
-    registry.path.write_bytes(content[:100] + b"\xff" * (len(content) - 100))
+    path = tmp_path / "damaged" / REGISTRY_FILE
+    content = path.read_bytes()
+    path.write_bytes(content[:100] + b"\xff" * (len(content) - 100))
     with pytest.raises(InputError, match=r"registry\.sqlite: not a featuresum registry \(.*malformed\)$"):
         registry.versions()
 

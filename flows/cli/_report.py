@@ -3,6 +3,8 @@
 import json
 from typing import Any
 
+from featuresum.tasks.figures import format_figure
+
 # What `--json` reports of a scored batch's drift.
 DRIFT_KEYS = ("feature_sum_psi", "predicted_class_psi", "level")
 
@@ -29,7 +31,3 @@ def drift_line(drift: dict[str, Any]) -> str:
     """A batch's drift level and PSIs, as progress lines and reports show them."""
     features, classes = (format_figure(drift[key]) for key in ("feature_sum_psi", "predicted_class_psi"))
     return f"{drift['level']} (feature-sum PSI {features}, predicted-class PSI {classes})"
-
-
-def format_figure(value):  # TEMP
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

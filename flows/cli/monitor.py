@@ -7,6 +7,7 @@ import typer
 
 from featuresum.flows.cli._app import app
 from featuresum.flows.options import PipelineOptions
+from featuresum.tasks.figures import format_figure
 
 ArtifactsDir = Annotated[str, typer.Option(help=PipelineOptions.help("artifacts_dir"))]
 COLUMNS = ("run_date", "model_version", "rows", "feature_sum_psi", "predicted_class_psi")
@@ -33,7 +34,3 @@ def monitor(
     widths = [max(len(name), *(len(line[i]) for line in cells)) for i, name in enumerate(COLUMNS)]
     for line in [list(COLUMNS), *cells]:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
-
-
-def format_figure(value):  # TEMP
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

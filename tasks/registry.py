@@ -1,61 +1,20 @@
 """The model registry: every trained model as a numbered version, and aliases (`champion`) that point at one.
 
 It is one SQLite file in the artifacts folder, `registry.sqlite`, shared by every run and command that uses
-that folder, possibly from several processes at once. Each change is one `BEGIN IMMEDIATE` transaction, so
-writers queue on SQLite's lock (up to a minute) instead of reading a value another writer is about to change.
-On object storage the file is an object: a change is made to a downloaded copy and written back with a
-conditional PUT, and a writer that lost the race to another redoes its change on the new copy.
+that folder, possibly from several processes at once (registry_file.py keeps its changes whole).
 Alias moves are never forgotten: each one is a row in the alias history, which is what a rollback reads.
 """
 
 import json
 import sqlite3
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
 
 from featuresum.tasks import storage
 from featuresum.tasks.errors import InputError
-
-T = TypeVar("T")
-
-REGISTRY_FILE = "registry.sqlite"
-# Stamped in the file's header so a SQLite file of another program is refused rather than written to.
-APPLICATION_ID = 0x46535247  # "FSRG"
-SCHEMA_VERSION = 1
-LOCK_TIMEOUT_SECONDS = 60
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS versions (
-    version INTEGER PRIMARY KEY,
-    checkpoint TEXT NOT NULL,
-    fingerprint TEXT NOT NULL UNIQUE,
-    run_date TEXT,
-    date_window TEXT,
-    config TEXT NOT NULL,
-    metrics TEXT NOT NULL,
-    flow_run_id TEXT,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS aliases (
-    name TEXT PRIMARY KEY,
-    version INTEGER NOT NULL REFERENCES versions (version)
-);
-CREATE TABLE IF NOT EXISTS alias_history (
-    id INTEGER PRIMARY KEY,
-    alias TEXT NOT NULL,
-    version INTEGER NOT NULL REFERENCES versions (version),
-    previous INTEGER REFERENCES versions (version),
-    reason TEXT NOT NULL,
-    flow_run_id TEXT,
-    changed TEXT NOT NULL
-);
-"""
-# SQLite's answers for a file that is not a database, or one whose pages are damaged.
-UNREADABLE_ERRORS = {sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT}
+from featuresum.tasks.registry_file import REGISTRY_FILE, RegistryFile
 
 
 class _Any:
@@ -249,111 +208,12 @@ class Registry:
 
     def __init__(self, artifacts_dir: storage.Location):
         self._path = storage.join(storage.at(artifacts_dir), REGISTRY_FILE)
+        self._file = RegistryFile(self._path)
         self._folder = storage.resolve(artifacts_dir)
 
     def _select_version(self, conn: sqlite3.Connection, where: str, value: object) -> Version | None:
         row = conn.execute(f"SELECT * FROM versions WHERE {where} = ?", (value,)).fetchone()
         return None if row is None else _version(row, _aliases_by_version(conn), self._folder)
-
-    @contextmanager
-    def _connection(self, database: Path) -> Iterator[sqlite3.Connection]:
-        try:
-            with closing(sqlite3.connect(database, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)) as conn:
-                conn.row_factory = sqlite3.Row
-                yield conn
-        except sqlite3.DatabaseError as exc:
-            if exc.sqlite_errorcode in UNREADABLE_ERRORS:
-                raise InputError(f"{self._path}: not a featuresum registry ({exc})") from exc
-            raise
-
-    def _has_schema(self, conn: sqlite3.Connection) -> bool:
-        """Whether the file holds our tables; False for a blank database; InputError for another program's."""
-        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if application_id == APPLICATION_ID:
-            schema = conn.execute("PRAGMA user_version").fetchone()[0]
-            if schema > SCHEMA_VERSION:
-                raise InputError(
-                    f"{self._path}: not a featuresum registry (schema {schema} is newer than this featuresum's "
-                    f"{SCHEMA_VERSION}: upgrade featuresum)"
-                )
-            return True
-        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        if application_id != 0 or tables:
-            found = f"tables {', '.join(tables)}" if tables else "no tables"
-            raise InputError(f"{self._path}: not a featuresum registry (application id {application_id:#x}, {found})")
-        return False
-
-    def _write(self, change: Callable[[sqlite3.Connection], T]) -> T:
-        """Make a change in one write transaction and return what `change` returns.
-
-        On object storage `change` runs on a downloaded copy, and again on a fresh copy whenever
-        another writer changed the registry first (storage.update's conditional write).
-        """
-        if not storage.is_remote(self._path):
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            with self._transaction(self._path) as conn:
-                return change(conn)
-        results: list[T] = []
-
-        def on_copy(content: bytes | None) -> bytes:
-            with tempfile.TemporaryDirectory() as folder:
-                database = Path(folder) / REGISTRY_FILE
-                database.write_bytes(content or b"")
-                with self._transaction(database) as conn:
-                    results.append(change(conn))
-                return database.read_bytes()
-
-        storage.update(self._path, on_copy)
-        return results[-1]
-
-    @contextmanager
-    def _transaction(self, database: Path) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: the write lock is taken before the first read, so no read goes stale."""
-        with self._connection(database) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if not self._has_schema(conn):
-                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                # executescript would commit our transaction first; the statements run one by one instead.
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection | None]:
-        """One read transaction (a consistent view), or None when there is nothing yet; never creates the file."""
-        if not storage.is_remote(self._path):
-            if not self._path.exists():
-                yield None
-                return
-            with self._snapshot(self._path) as conn:
-                yield conn
-            return
-        try:
-            content = storage.read_bytes(self._path)
-        except FileNotFoundError:
-            yield None
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            database = Path(folder) / REGISTRY_FILE
-            database.write_bytes(content)
-            with self._snapshot(database) as conn:
-                yield conn
-
-    @contextmanager
-    def _snapshot(self, database: Path) -> Iterator[sqlite3.Connection | None]:
-        with self._connection(database) as conn:
-            conn.execute("BEGIN")
-            try:
-                yield conn if self._has_schema(conn) else None
-            finally:
-                conn.execute("ROLLBACK")
 
     def register(
         self,
@@ -397,11 +257,11 @@ class Registry:
             )
             return self._select_version(conn, "fingerprint", fingerprint)
 
-        return self._write(add)
+        return self._file.write(add)
 
     def versions(self) -> list[Version]:
         """Every registered version, oldest first; [] when there is no registry file."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             if conn is None:
                 return []
             aliases = _aliases_by_version(conn)
@@ -410,7 +270,7 @@ class Registry:
 
     def get(self, version: int) -> Version:
         """One version by number; InputError when it is not registered."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             found = None if conn is None else self._select_version(conn, "version", version)
         if found is None:
             raise InputError(f"no model version {version} in {self._path}")
@@ -418,7 +278,7 @@ class Registry:
 
     def find(self, fingerprint: str) -> Version | None:
         """The version registered with this checkpoint fingerprint, if any."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             return None if conn is None else self._select_version(conn, "fingerprint", fingerprint)
 
     def changed_at(self, checkpoint: storage.Location, fingerprint: str) -> Version | None:
@@ -432,7 +292,7 @@ class Registry:
 
     def alias(self, name: str = "champion") -> Version | None:
         """The version an alias points at, or None when the alias was never set."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             if conn is None:
                 return None
             target = _alias_target(conn, name)
@@ -463,11 +323,11 @@ class Registry:
                 return None
             return _move_alias(conn, name, version, current, reason, flow_run_id)
 
-        return self._write(move)
+        return self._file.write(move)
 
     def history(self, name: str = "champion") -> list[AliasChange]:
         """Every move of an alias, oldest first."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             if conn is None:
                 return []
             rows = conn.execute("SELECT * FROM alias_history WHERE alias = ? ORDER BY id", (name,))
@@ -492,12 +352,12 @@ class Registry:
                 raise nothing_earlier
             return _move_alias(conn, name, lineage[-2], lineage[-1], reason, flow_run_id)
 
-        return self._write(back)
+        return self._file.write(back)
 
     def resolve(self, reference: str) -> Version:
         """A version by alias (`champion`) or by number ("3"); InputError saying what exists otherwise."""
         reference = reference.strip()
-        with self._read() as conn:
+        with self._file.read() as conn:
             if conn is None:
                 numbers, names = [], []
             else:

@@ -6,6 +6,7 @@ A run that the API still calls in flight but whose process on this host is gone 
 memory, a reboot) is marked Crashed and counts as such, so the same command run again reruns its date.
 """
 
+import inspect
 import socket
 from collections.abc import Iterator
 from datetime import date, timedelta
@@ -29,7 +30,11 @@ def dates_between(start: date, end: date) -> list[date]:
 
 
 def _same_options(run_parameters: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return all(run_parameters.get(key) == value for key, value in wanted.items())
+    """Whether a run had these options; one it was not given took the flow's default."""
+    from featuresum.flows.pipeline import pipeline_flow
+
+    defaults = {name: parameter.default for name, parameter in inspect.signature(pipeline_flow.fn).parameters.items()}
+    return all(run_parameters.get(key, defaults.get(key)) == value for key, value in wanted.items())
 
 
 def earlier_runs(parameters: dict[str, Any], days: list[date]) -> dict[str, Any]:

@@ -150,3 +150,12 @@ def test_a_deployments_relative_folder_is_read_where_its_runs_work():
     assert deployment_folder(served, "artifacts") == "/home/me/work/artifacts"
     assert deployment_folder(served, "/data/artifacts") == "/data/artifacts"
     assert deployment_folder(served, "s3://bucket/artifacts") == "s3://bucket/artifacts"
+
+
+def test_an_option_an_earlier_run_was_not_given_counts_as_the_flows_default():
+    from featuresum.flows.backfill import _same_options
+    from featuresum.flows.presets import SHARD_ROWS
+
+    assert _same_options({"seed": 0}, {"seed": 0, "shard_rows": SHARD_ROWS})
+    assert not _same_options({"seed": 0}, {"seed": 0, "shard_rows": 1000})
+    assert not _same_options({"seed": 1, "shard_rows": SHARD_ROWS}, {"seed": 0, "shard_rows": SHARD_ROWS})

@@ -304,6 +304,7 @@ def test_serve_creates_the_cron_deployment(served):
         "min_improvement": 0.0,
         "drift_warn": 0.1,
         "drift_alert": 0.25,
+        "shard_rows": 262144,
         "refresh": False,
     }
 

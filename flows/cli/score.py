@@ -37,7 +37,9 @@ def _checked_model(model: str, options: PipelineOptions) -> str:
 @app.command(
     help=f"Score a Parquet file (--input) or a fresh batch (--samples) with a checkpoint.\n\n{LOCAL_SERVER_HELP}"
 )
-@pipeline_options("seed", "drift", "data_dir", "artifacts_dir", "device", "shard_rows", *DRIFT_LEVELS, "refresh")
+@pipeline_options(
+    "seed", "drift", "data_dir", "artifacts_dir", "device", "shard_rows", *DRIFT_LEVELS, "refresh", preset=False
+)
 def score(
     options: PipelineOptions,
     model: Annotated[

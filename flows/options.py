@@ -5,6 +5,9 @@ validate); the commands of the CLI are generated from the same fields. Kept free
 so `featuresum --help` stays fast.
 """
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -100,3 +103,35 @@ class PipelineOptions:
     def train_config(self) -> TrainConfig:
         """The optimiser settings of the run."""
         return TrainConfig(self.epochs, self.batch_size, self.lr, self.weight_decay, self.schedule, self.seed)
+
+
+def with_options(
+    function: Callable, shared: list[inspect.Parameter], build: Callable[[dict[str, Any]], PipelineOptions]
+) -> Callable:
+    """`function(options, **own)` as a function of `shared` and its own parameters, with `options` built from those.
+
+    Prefect (the flows' parameters) and Typer (the commands' options) read the signature made here.
+    """
+    signature = inspect.signature(function)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in signature.parameters.items() if n != "options"]
+    names = [parameter.name for parameter in shared]
+
+    @functools.wraps(function)
+    def taking_options(**given: Any) -> Any:
+        chosen = {name: given.pop(name) for name in names}
+        return function(options=build(chosen), **given)
+
+    taking_options.__signature__ = signature.replace(parameters=[*shared, *own])
+    return taking_options
+
+
+def flow_options(*names: str) -> Callable[[Callable], Callable]:
+    """Give a flow the options `names` as typed parameters with their defaults; its body gets them as `options`."""
+    declared = {option.name: option for option in fields(PipelineOptions)}
+    shared = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=declared[name].default, annotation=declared[name].type
+        )
+        for name in names
+    ]
+    return lambda flow_function: with_options(flow_function, shared, lambda chosen: PipelineOptions(**chosen))

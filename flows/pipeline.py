@@ -1,6 +1,7 @@
 """The featuresum flows: train, score, and the whole pipeline that chains them."""
 
 from collections.abc import Callable
+from dataclasses import fields
 from datetime import date
 from typing import Any
 
@@ -10,15 +11,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from featuresum.flows import steps
 from featuresum.flows.gate import gate, initial_weights
-from featuresum.flows.options import Device, Init, PipelineOptions, Schedule
+from featuresum.flows.options import PipelineOptions, flow_options
 from featuresum.flows.steps import Run, Window
 from featuresum.tasks import monitoring, storage
 from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.prefect_tasks import fingerprint_input
 from featuresum.tasks.registry import Registry, changed_weights, refuse_managed_output
 
-# Defaults of the flows' parameters: those of the options, which the default preset gives.
-DEFAULTS = PipelineOptions()
 # Shards run one at a time in the flow's process: torch already uses every core, and memory stays bounded.
 ONE_SHARD_AT_A_TIME = ThreadPoolTaskRunner(max_workers=1)
 
@@ -70,63 +69,30 @@ def _registered(summary: dict[str, Any], decision: dict[str, Any]) -> dict[str, 
     return {**summary, "model_version": decision["model_version"], "registry": {k: decision[k] for k in keys}}
 
 
+# The options of each flow (all of them for the pipeline), declared once in PipelineOptions.
+TRAINING = ("train_samples", "holdout_samples", "epochs", "batch_size", "lr", "weight_decay", "schedule", "seed")
+RETRAINING = ("window_days", "drift", "init", "data_dir", "artifacts_dir", "device", "min_improvement", "refresh")
+SCORING = ("seed", "drift", "data_dir", "artifacts_dir", "device", "shard_rows", "drift_warn", "drift_alert", "refresh")
+
+
 @flow(name="featuresum-train", flow_run_name=_run_name("train"))
-def train_flow(
-    train_samples: int = DEFAULTS.train_samples,
-    holdout_samples: int = DEFAULTS.holdout_samples,
-    epochs: int = DEFAULTS.epochs,
-    batch_size: int = DEFAULTS.batch_size,
-    lr: float = DEFAULTS.lr,
-    weight_decay: float = DEFAULTS.weight_decay,
-    schedule: Schedule = DEFAULTS.schedule,
-    seed: int = DEFAULTS.seed,
-    run_date: str | None = None,
-    window_days: int = DEFAULTS.window_days,
-    drift: float = DEFAULTS.drift,
-    init: Init = DEFAULTS.init,
-    data_dir: str = DEFAULTS.data_dir,
-    artifacts_dir: str = DEFAULTS.artifacts_dir,
-    device: Device = DEFAULTS.device,
-    min_improvement: float = DEFAULTS.min_improvement,
-    refresh: bool = DEFAULTS.refresh,
-) -> dict[str, Any]:
+@flow_options(*TRAINING, *RETRAINING)
+def train_flow(options: PipelineOptions, run_date: str | None = None) -> dict[str, Any]:
     """Train a challenger on the run date's window of partitions, checkpoint and evaluate it, then gate it."""
-    run, day, _, outputs, decision = _train_and_gate(PipelineOptions.of(locals()), run_date)
+    run, day, _, outputs, decision = _train_and_gate(options, run_date)
     return {**_registered(_summary(run, **outputs), decision), "run_date": day.isoformat()}
 
 
 @flow(name="featuresum-pipeline", flow_run_name=_run_name("pipeline"), task_runner=ONE_SHARD_AT_A_TIME)
-def pipeline_flow(
-    train_samples: int = DEFAULTS.train_samples,
-    holdout_samples: int = DEFAULTS.holdout_samples,
-    score_samples: int = DEFAULTS.score_samples,
-    epochs: int = DEFAULTS.epochs,
-    batch_size: int = DEFAULTS.batch_size,
-    lr: float = DEFAULTS.lr,
-    weight_decay: float = DEFAULTS.weight_decay,
-    schedule: Schedule = DEFAULTS.schedule,
-    seed: int = DEFAULTS.seed,
-    run_date: str | None = None,
-    window_days: int = DEFAULTS.window_days,
-    drift: float = DEFAULTS.drift,
-    init: Init = DEFAULTS.init,
-    data_dir: str = DEFAULTS.data_dir,
-    artifacts_dir: str = DEFAULTS.artifacts_dir,
-    device: Device = DEFAULTS.device,
-    shard_rows: int = DEFAULTS.shard_rows,
-    min_improvement: float = DEFAULTS.min_improvement,
-    drift_warn: float = DEFAULTS.drift_warn,
-    drift_alert: float = DEFAULTS.drift_alert,
-    refresh: bool = DEFAULTS.refresh,
-) -> dict[str, Any]:
+@flow_options(*(option.name for option in fields(PipelineOptions)))
+def pipeline_flow(options: PipelineOptions, run_date: str | None = None) -> dict[str, Any]:
     """Train a challenger on the run date's data, gate it, score the date's batch with the champion, monitor it."""
-    options = PipelineOptions.of(locals())
-    monitoring.check_thresholds(drift_warn, drift_alert)
+    monitoring.check_thresholds(options.drift_warn, options.drift_alert)
     run, day, device, outputs, decision = _train_and_gate(options, run_date)
     champion = decision["champion"]
     with run.reported():
-        source = steps.Source(seed, drift, data_dir)
-        batch = steps.generate("score", score_samples, day, source, run)
+        source = steps.Source(options.seed, options.drift, options.data_dir)
+        batch = steps.generate("score", options.score_samples, day, source, run)
         predictions = steps.score(champion, batch, device, None, options, run)
         observed = steps.monitor(champion, batch, predictions, day, options, "pipeline", run)
     summary = _summary(run, **outputs, score_input=batch, predictions=predictions)
@@ -144,41 +110,34 @@ def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:
 
 
 @flow(name="featuresum-score", flow_run_name=_run_name("score"), task_runner=ONE_SHARD_AT_A_TIME)
+@flow_options(*SCORING)
 def score_flow(
+    options: PipelineOptions,
     model: str,
     input: str | None = None,
     samples: int | None = None,
-    seed: int = DEFAULTS.seed,
     run_date: str | None = None,
-    drift: float = DEFAULTS.drift,
     output: str | None = None,
-    data_dir: str = DEFAULTS.data_dir,
-    artifacts_dir: str = DEFAULTS.artifacts_dir,
-    device: Device = DEFAULTS.device,
-    shard_rows: int = DEFAULTS.shard_rows,
-    drift_warn: float = DEFAULTS.drift_warn,
-    drift_alert: float = DEFAULTS.drift_alert,
-    refresh: bool = DEFAULTS.refresh,
 ) -> dict[str, Any]:
     """Score a Parquet file, or the synthetic batch of `samples` rows of the run date, with a checkpoint; monitor it."""
-    options = PipelineOptions.of(locals())
     _refuse_overwriting_inputs(output, model, input)
-    refuse_managed_output(output, artifacts_dir, data_dir)
-    monitoring.check_thresholds(drift_warn, drift_alert)
-    run, day = steps.begin(run_date, data_dir, artifacts_dir, refresh)
+    refuse_managed_output(output, options.artifacts_dir, options.data_dir)
+    monitoring.check_thresholds(options.drift_warn, options.drift_alert)
+    run, day = steps.begin(run_date, options.data_dir, options.artifacts_dir, options.refresh)
     with run.reported():
-        fingerprint = fingerprint_input.with_options(refresh_cache=refresh)
+        fingerprint = fingerprint_input.with_options(refresh_cache=options.refresh)
         checkpoint = run.call(fingerprint, path=str(storage.resolve(model)))
-        registry = Registry(storage.resolve(artifacts_dir))
+        registry = Registry(storage.resolve(options.artifacts_dir))
         registered = registry.find(checkpoint["fingerprint"])
         if changed := registry.changed_at(checkpoint["path"], checkpoint["fingerprint"]):
             raise EnvironmentFailure(changed_weights(model, changed.version))
         if input is not None:
             features = run.call(fingerprint, path=str(storage.resolve(input)))
         else:
-            rows = DEFAULTS.score_samples if samples is None else samples
-            features = steps.generate("score", rows, day, steps.Source(seed, drift, data_dir), run)
-        device = steps.device(device)
+            rows = options.score_samples if samples is None else samples
+            source = steps.Source(options.seed, options.drift, options.data_dir)
+            features = steps.generate("score", rows, day, source, run)
+        device = steps.device(options.device)
         predictions = steps.score(checkpoint, features, device, output, options, run)
         observed = steps.monitor(checkpoint, features, predictions, day, options, "score", run)
     summary = _summary(run, checkpoint=checkpoint, score_input=features, predictions=predictions)

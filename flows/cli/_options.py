@@ -1,6 +1,5 @@
 """The command line's options: those of a pipeline run generated from PipelineOptions, and the CLI's own."""
 
-import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import fields
@@ -10,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featuresum.flows.options import PipelineOptions
+from featuresum.flows.options import PipelineOptions, with_options
 
 
 def iso_date(value: str | None) -> str | None:
@@ -80,21 +79,13 @@ def pipeline_options(*names: str, preset: bool = True) -> Callable[[Callable], C
     takes the preset's value, and an explicit one overrides it.
     """
 
-    def decorate(command: Callable) -> Callable:
-        signature = inspect.signature(command)
+    shared = [_parameter(name, preset) for name in names]
+    if preset:
         keyword = inspect.Parameter.KEYWORD_ONLY
-        own = [p.replace(kind=keyword) for name, p in signature.parameters.items() if name != "options"]
-        shared = [_parameter(name, preset) for name in names]
-        if preset:
-            shared.insert(0, inspect.Parameter("preset", keyword, default=Preset.default, annotation=PresetOpt))
+        shared.insert(0, inspect.Parameter("preset", keyword, default=Preset.default, annotation=PresetOpt))
 
-        @functools.wraps(command)
-        def with_options(**given: Any) -> Any:
-            chosen = {name: given.pop(name) for name in names}
-            preset_name = given.pop("preset").value if preset else "default"
-            return command(options=PipelineOptions.from_preset(preset_name, **chosen), **given)
+    def build(chosen: dict[str, Any]) -> PipelineOptions:
+        preset_name = chosen.pop("preset").value if preset else "default"
+        return PipelineOptions.from_preset(preset_name, **chosen)
 
-        with_options.__signature__ = signature.replace(parameters=[*shared, *own])
-        return with_options
-
-    return decorate
+    return lambda command: with_options(command, shared, build)

@@ -117,6 +117,10 @@ def test_a_backfill_killed_mid_date_reruns_that_date_when_repeated(cli, tmp_path
     assert [(run["run_date"], run["state"]) for run in again["runs"]] == [(day, "Completed") for day in DATES[:2]]
     repeated = json.loads(cli(*command, "--reprocess", "failed", "--json").stdout)
     assert {run["state"] for run in repeated["runs"]} == {"Skipped"}
+    # Every run, the ones run and the ones skipped, carries its page in the UI.
+    for run, skipped in zip(again["runs"], repeated["runs"], strict=True):
+        assert run["ui"].endswith(f"/runs/flow-run/{run['flow_run_id']}") and run["ui"].startswith("http://127.0.0.1:")
+        assert skipped["ui"] == run["ui"]
 
 
 def test_two_projects_with_relative_folders_on_one_server_keep_their_own_runs(cli, tmp_path):

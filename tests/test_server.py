@@ -394,6 +394,9 @@ def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, served)
     ]
     assert backfilled["champion_version"] == registry.alias().version
     assert {run["drift"]["level"] for run in backfilled["runs"]} <= {"ok", "warn"}
+    assert [run["ui"] for run in backfilled["runs"]] == [
+        f"{server.url}/runs/flow-run/{run['flow_run_id']}" for run in backfilled["runs"]
+    ]
 
     # Repeated: every date has its completed run, and no new run is created.
     again = json.loads(run_command("featuresum", *command, "--json", env=server.client_env, cwd=work).stdout)

@@ -260,14 +260,137 @@ def mark_alerted(artifacts_dir: storage.Location, row: dict[str, Any]) -> None:
     _rewrite(artifacts_dir, change)
 
 
-def chart(rows: list[dict[str, Any]], alert: float, width: int = 24) -> str:
-    """A markdown table with a text bar per batch: feature-sum PSI (scaled to at least `alert`) and accuracy by date."""
-    scale = max([row["feature_sum_psi"] or 0.0 for row in rows] + [alert])
-    lines = ["| date | model | feature-sum PSI | | level | accuracy |", "|---|---|---|---|---|---|"]
+# The drift chart draws each batch's larger PSI (the one its level is judged on) on a log scale: from
+# CHART_FLOOR, one cell, up to a power of ten, so that 0.001 and 0.005 lie as far apart as 0.05 and 0.25.
+CHART_CELLS = 36
+CHART_FLOOR = 0.001
+BAR, TRACK, WARN_MARK, ALERT_MARK = "█", "·", "┆", "┃"
+# Levels from the mildest; a date's level in the UI is the worst of its batches'.
+LEVELS = ("unknown", "ok", "warn", "alert")
+LEVEL_MARKS = {"unknown": "⚪ unknown", "ok": "🟢 ok", "warn": "🟡 **warn**", "alert": "🔴 **alert**"}
+
+
+def drift_psi(row: dict[str, Any]) -> float | None:
+    """The larger of a history row's two PSIs, the one its level is judged on; None with neither."""
+    known = [row[name] for name in ("feature_sum_psi", "predicted_class_psi") if row.get(name) is not None]
+    return max(known, default=None)
+
+
+def chart_top(rows: list[dict[str, Any]], alert: float) -> float:
+    """The top of the chart's scale: the smallest power of ten from 1 up that holds every PSI and `alert`."""
+    largest = max([drift_psi(row) or 0.0 for row in rows] + [alert, 1.0])
+    return 10.0 ** math.ceil(math.log10(largest) - 1e-9)
+
+
+def chart_position(value: float, top: float, cells: int = CHART_CELLS) -> float:
+    """Where a PSI lies on the scale, in cells from its start: 0 up to CHART_FLOOR, `cells` at `top`."""
+    if value <= CHART_FLOOR:
+        return 0.0
+    return min(cells * math.log(value / CHART_FLOOR) / math.log(top / CHART_FLOOR), float(cells))
+
+
+def mark_cell(threshold: float, top: float, cells: int = CHART_CELLS) -> int:
+    """The cell boundary where a threshold's mark lies: its mark sits just before this cell."""
+    return round(chart_position(threshold, top, cells))
+
+
+def bar_cells(value: float | None, top: float, warn: float, alert: float, cells: int = CHART_CELLS) -> int:
+    """How many cells a PSI's bar fills: none without a PSI, at least one with any (below a mark at 0, none).
+
+    A bar passes the warn mark exactly when its PSI is at warn or above, and the alert mark when it
+    is above alert: near a mark, its length is moved by the cell that rounding leaves in doubt.
+    """
+    if value is None:
+        return 0
+    length = max(1, round(chart_position(value, top, cells)))
+    for threshold, reached in ((warn, value >= warn), (alert, value > alert)):
+        mark = mark_cell(threshold, top, cells)
+        length = max(length, mark + 1) if reached else min(length, mark)
+    return min(length, cells)
+
+
+def track(value: float | None, top: float, warn: float, alert: float, cells: int = CHART_CELLS) -> str:
+    """A PSI's bar on the scale, with the warn and alert marks between the cells where the thresholds lie.
+
+    A mark lies between cells, so a bar that passes it keeps its length (its count of BAR characters).
+    """
+    marks = ((WARN_MARK, mark_cell(warn, top, cells)), (ALERT_MARK, mark_cell(alert, top, cells)))
+    length, drawn = bar_cells(value, top, warn, alert, cells), []
+    for cell in range(cells + 1):
+        drawn += [mark for mark, at in marks if at == cell]
+        if cell < cells:
+            drawn.append(BAR if cell < length else TRACK)
+    return "".join(drawn)
+
+
+def chart_axis(top: float, warn: float, alert: float, cells: int = CHART_CELLS) -> str:
+    """The scale's decades (0.001, 0.01, ...), each at the column of the track where it lies."""
+    marks = [mark_cell(warn, top, cells), mark_cell(alert, top, cells)]
+    line = ""
+    for decade in range(round(math.log10(top / CHART_FLOOR)) + 1):
+        value = CHART_FLOOR * 10**decade
+        cell = mark_cell(value, top, cells)
+        column = cell + sum(at < cell for at in marks)
+        if column > len(line) or not line:
+            line = line.ljust(column) + f"{value:g}"
+    return line
+
+
+def chart_legend(top: float, warn: float, alert: float, cells: int = CHART_CELLS) -> list[str]:
+    """What the chart's bars and marks mean: the scale, and the thresholds with their values."""
+    per_decade = cells / math.log10(top / CHART_FLOOR)
+    return [
+        f"Bars: each batch's larger PSI, log scale from {CHART_FLOOR:g} to {top:g},",
+        f"a decade every {per_decade:.3g} cells; a PSI up to {CHART_FLOOR:g} fills one cell.",
+        f"Marks: {WARN_MARK} warn from a PSI of {warn:g}, {ALERT_MARK} alert above {alert:g}.",
+    ]
+
+
+def text_chart(rows: list[dict[str, Any]], warn: float, alert: float, cells: int = CHART_CELLS) -> str:
+    """The drift chart for a terminal, under 80 columns: a bar per batch by date, its marks, the legend."""
+    top = chart_top(rows, alert)
+    lines = ["Drift by date", *chart_legend(top, warn, alert, cells), ""]
+    lines.append(f"{'date':<10}  {'PSI':>7}  {'':{cells + 2}}  {'level':<7}  model")
     for row in rows:
-        value = row["feature_sum_psi"]
-        bar = "" if value is None else "█" * max(1, round(width * value / scale)) if value > 0 else ""
-        model = row["model_version"] or row["model_fingerprint"][:12]
-        psi_text, accuracy = format_figure(value, "n/a"), format_figure(row["accuracy"], "n/a")
-        lines.append(f"| {row['run_date']} | {model} | {psi_text} | `{bar or ' '}` | {row['level']} | {accuracy} |")
+        psi_text = format_figure(drift_psi(row), "n/a")
+        bar = track(drift_psi(row), top, warn, alert, cells)
+        lines.append(f"{row['run_date']:<10}  {psi_text:>7}  {bar}  {row['level']:<7}  {_model(row)}")
+    lines.append(" " * 21 + chart_axis(top, warn, alert, cells))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def chart(rows: list[dict[str, Any]], warn: float, alert: float, cells: int = CHART_CELLS) -> str:
+    """The drift chart as markdown: the legend, then a table with a bar per batch by date, level and accuracy."""
+    top = chart_top(rows, alert)
+    lines = [" ".join(chart_legend(top, warn, alert, cells)), ""]
+    lines += ["| date | model | feature-sum PSI | predicted-class PSI | drift | level | accuracy |", "|---" * 7 + "|"]
+    for row in rows:
+        bar = track(drift_psi(row), top, warn, alert, cells)
+        psis = " | ".join(format_figure(row[name], "n/a") for name in ("feature_sum_psi", "predicted_class_psi"))
+        accuracy = format_figure(row["accuracy"], "n/a")
+        lines.append(f"| {row['run_date']} | {_model(row)} | {psis} | `{bar}` | {row['level']} | {accuracy} |")
+    return "\n".join(lines)
+
+
+def _model(row: dict[str, Any]) -> str:
+    version = row.get("model_version")
+    return str(version) if version is not None else (row.get("model_fingerprint") or "")[:8]
+
+
+def recent_levels(rows: list[dict[str, Any]], dates: int) -> list[dict[str, Any]]:
+    """The last `dates` dates of the history, oldest first, each as the row of its worst level (latest on ties)."""
+    worst: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda kept: kept["recorded"] or ""):
+        day = row["run_date"] or ""
+        if day not in worst or LEVELS.index(row["level"]) >= LEVELS.index(worst[day]["level"]):
+            worst[day] = row
+    return [worst[day] for day in sorted(worst)[-dates:]]
+
+
+def levels_markdown(rows: list[dict[str, Any]], dates: int) -> str:
+    """A markdown table of the last `dates` dates' drift levels: date, level with its mark, PSI, model version."""
+    lines = ["| date | level | PSI | model |", "|---|---|---|---|"]
+    for row in recent_levels(rows, dates):
+        mark = LEVEL_MARKS.get(row["level"], row["level"])
+        lines.append(f"| {row['run_date']} | {mark} | {format_figure(drift_psi(row), 'n/a')} | {_model(row)} |")
     return "\n".join(lines)

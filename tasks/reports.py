@@ -119,12 +119,15 @@ def publish_promotion(decision: dict[str, Any]) -> None:
     )
 
 
-# Rows of the monitoring history that the UI's table shows: the latest ones.
+# Rows of the monitoring history that the UI's table and chart show: the latest ones.
 MONITORING_ROWS = 30
+# Dates whose drift level the UI shows at a glance, in the artifact of key DRIFT_LEVELS_KEY.
+LEVEL_DATES = 14
+DRIFT_LEVELS_KEY = "featuresum-drift-levels"
 
 
 def publish_monitoring(history: list[dict[str, Any]], warn: float, alert: float) -> None:
-    """The latest rows of the monitoring history as a table, and a text chart of drift and accuracy by date."""
+    """The latest rows of the monitoring history as a table, the drift chart, and the last dates' levels."""
     latest = history[-MONITORING_ROWS:]
     columns = ("run_date", "model_version", "rows", "feature_sum_psi", "predicted_class_psi")
     columns += ("feature_sum_mean", "feature_sum_std", "mean_confidence", "accuracy", "level", "alerted")
@@ -133,19 +136,36 @@ def publish_monitoring(history: list[dict[str, Any]], warn: float, alert: float)
         description=f"Drift and accuracy of the last {len(latest)} of {len(history)} scored batches, by date",
         table=[{name: _rounded(row[name]) for name in columns} for row in latest],
     )
+    judged = (
+        f"Each level is the one the last run that monitored the batch judged (this run: ok below a PSI of "
+        f"{warn:g}, warn up to {alert:g}, alert above)."
+    )
     create_markdown_artifact(
         key="featuresum-monitoring-chart",
-        description="Feature-sum PSI and accuracy by date",
+        description="Drift (PSI, log scale, with the warn and alert marks) and accuracy by date",
+        markdown="\n".join(["# Drift and accuracy by date", judged, "", monitoring.chart(latest, warn, alert)]),
+    )
+    dates = monitoring.recent_levels(history, LEVEL_DATES)
+    create_markdown_artifact(
+        key=DRIFT_LEVELS_KEY,
+        description=f"Drift levels of the last {len(dates)} dates" + _level_counts(dates),
         markdown="\n".join(
             [
-                "# Drift and accuracy by date",
-                f"Each level is the one the last run that monitored the batch judged (this run: ok below a PSI of "
-                f"{warn:g}, warn up to {alert:g}, alert above).",
+                f"# Drift levels of the last {len(dates)} dates",
+                judged + " A date scored more than once shows its worst batch; PSI is the larger of the two.",
                 "",
-                monitoring.chart(latest, alert),
+                monitoring.levels_markdown(history, LEVEL_DATES),
             ]
         ),
     )
+
+
+def _level_counts(rows: list[dict[str, Any]]) -> str:
+    """', up to 2026-01-31: 1 alert, 2 warn, 11 ok' for the rows of some dates (nothing for none)."""
+    if not rows:
+        return ""
+    counts = [f"{sum(row['level'] == name for row in rows)} {name}" for name in reversed(monitoring.LEVELS)]
+    return f", up to {rows[-1]['run_date']}: " + ", ".join(count for count in counts if not count.startswith("0 "))
 
 
 def _rounded(value: Any) -> Any:

@@ -188,3 +188,5 @@ def test_every_scored_batch_is_monitored_against_its_models_reference(first_run,
         (first_run["run_date"], "ok"),
     ]
     assert "| 2026-01-31 | 1 |" in by_key["featuresum-monitoring-chart"].data
+    levels = by_key["featuresum-drift-levels"].data
+    assert levels.index("| 2026-01-31 | 🔴 **alert** |") < levels.index(f"| {first_run['run_date']} | 🟢 ok |")

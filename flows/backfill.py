@@ -9,7 +9,7 @@ memory, a reboot) is marked Crashed and counts as such, so the same command run 
 import inspect
 import socket
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -70,8 +70,13 @@ def _pages(read) -> Iterator[Any]:
 
 
 def run_date_of(run: Any) -> str | None:
-    """The date a pipeline run processed: its `run_date` parameter, or (a scheduled run) its `date-` tag."""
-    return run.parameters.get("run_date") or next((tag[5:] for tag in run.tags if tag.startswith("date-")), None)
+    """The date a pipeline run processes: its `run_date` parameter, or (a scheduled run) its `date-` tag,
+    or (a scheduled run that has not started yet) the day (UTC) it is scheduled for."""
+    if day := run.parameters.get("run_date") or next((tag[5:] for tag in run.tags if tag.startswith("date-")), None):
+        return day
+    if run.state.is_scheduled() and run.expected_start_time is not None:
+        return run.expected_start_time.astimezone(UTC).date().isoformat()
+    return None
 
 
 def process_gone(run: Any) -> bool:
@@ -122,13 +127,16 @@ def to_run(days: list[date], earlier: dict[str, Any], reprocess: Reprocess) -> l
     return [day for day in days if wanted(day)]
 
 
-def on_deployment(name: str, days: list[date], reprocess: Reprocess) -> Iterator[tuple[date, Any, bool]]:
+def on_deployment(
+    name: str, days: list[date], reprocess: Reprocess, scheduled: dict[date, datetime] | None = None
+) -> Iterator[tuple[date, Any, bool]]:
     """Run a served deployment once per date, one at a time, oldest first; yields (date, flow run, skipped).
 
     Each run is created with an idempotency key per deployment, its parameters, the date and the
     number of earlier failed runs of the date (with `all`, a key of its own), so repeating the command
     (after an interruption, say) finds the runs it already created instead of creating new ones, while
-    a date whose run failed gets a new run.
+    a date whose run failed gets a new run. With `scheduled` ({date: time}), each run is only created,
+    for that time, and left to the deployment's runner instead of waited for.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -161,7 +169,8 @@ def on_deployment(name: str, days: list[date], reprocess: Reprocess) -> Iterator
         attempt = f"all-{failed}" if reprocess == "all" else str(failed)
         key = f"featuresum-backfill/{deployment.id}/{spec_key(deployment.parameters)[:16]}/{day}/{attempt}"
         run = run_deployment(
-            name, parameters={"run_date": day.isoformat()}, idempotency_key=key, tags=["backfill"], timeout=None,
-            poll_interval=1, as_subflow=False,
+            name, parameters={"run_date": day.isoformat()}, idempotency_key=key, poll_interval=1, as_subflow=False,
+            tags=["catch-up" if scheduled else "backfill"],
+            timeout=0 if scheduled else None, scheduled_time=scheduled.get(day) if scheduled else None,
         )  # fmt: skip
         yield day, run, False

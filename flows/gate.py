@@ -10,6 +10,7 @@ from datetime import date
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
+from featuresum.flows.champion_events import announce
 from featuresum.flows.steps import Run, Window, ref
 from featuresum.tasks import reports, storage
 from featuresum.tasks.errors import EnvironmentFailure
@@ -109,7 +110,12 @@ def gate(
         champion = registry.alias()
         promoted, reason, champion_accuracy = _decide(challenger, accuracy, champion, window, min_improvement, measure)
         expected = champion.version if champion else None
-        if not promoted or registry.set_alias(challenger.version, reason, flow_run_id=run_id, expected=expected):
+        if not promoted:
+            break
+        if change := registry.set_alias(challenger.version, reason, flow_run_id=run_id, expected=expected):
+            announce(
+                registry, artifacts_dir, change, accuracies=(champion_accuracy, accuracy), flow_run_name=flow_run.name
+            )
             break
     now = registry.alias()
     decision = {

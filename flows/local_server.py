@@ -43,6 +43,8 @@ DEFAULT_PORT = 4200
 SERVER_STATE = "featuresum-server.json"
 SERVER_LOG = "featuresum-server.log"
 SERVER_LOCK = "featuresum-server.lock"
+# What the local server's vacuum deletes when it is old: flow runs and events.
+VACUUM = "events,flow_runs"
 # Another program may take the port between our probe and the server's bind; then we try another port.
 START_ATTEMPTS = 3
 # The local server answers its health check in milliseconds; one that takes longer is starting or busy.
@@ -206,6 +208,10 @@ def _spawn_server(home: Path, port: int) -> tuple[dict, subprocess.Popen]:
     # The UI must call this server's API, not the default port's.
     env["PREFECT_UI_API_URL"] = url
     env["PYTHONUNBUFFERED"] = "1"
+    # Bounded records: the server's vacuum deletes flow runs (with their logs and task runs) that ended
+    # more than PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD ago (default 90 days), besides old
+    # events, unless the caller chose otherwise.
+    env.setdefault("PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED", VACUUM)
     env.pop("PREFECT_API_URL", None)
     log = home / SERVER_LOG
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]

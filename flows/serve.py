@@ -6,6 +6,9 @@ scheduled or manually triggered run in a subprocess of its own. It needs a real 
 other commands start and reuse.
 """
 
+import asyncio
+import sys
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -57,23 +60,85 @@ def drift_trigger(name: str, artifacts_dir: str) -> "DeploymentEventTrigger":
     )
 
 
-def serve_pipeline(name: str, schedule: "Schedule", parameters: dict[str, Any], retrain_on_drift: bool) -> None:
-    """Create (or update) the deployment `featuresum-pipeline/<name>` and execute its runs until stopped."""
+def fire_times(schedule: "Schedule", days: int, now: datetime) -> dict[date, datetime]:
+    """{date (UTC): its first fire time} of the schedule within the `days` days before `now`, oldest first."""
+    from prefect.server.schemas.schedules import CronSchedule
+
+    if days <= 0:
+        return {}
+    cron = CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+    times = asyncio.run(cron.get_dates(n=100_000, start=now - timedelta(days=days), end=now))
+    found: dict[date, datetime] = {}
+    for time in times:
+        found.setdefault(time.astimezone(UTC).date(), time)
+    return found
+
+
+def catch_up(name: str, schedule: "Schedule", days: int) -> list[date]:
+    """Give every fire time of the last `days` days whose date has no completed run a run, oldest first.
+
+    Through the bookkeeping of `featuresum backfill --deployment ... --reprocess missing`: a date
+    whose run is in flight is left to it, one whose run failed or whose process is gone gets a new
+    run. Each run is created for its fire time and executed by the serve process, in that order.
+    One line per date; the dates given a run.
+    """
+    from featuresum.flows.backfill import Reprocess, on_deployment
+
+    due = fire_times(schedule, days, datetime.now(UTC))
+    if not due:
+        return []
+    created = []
+    for day, run, skipped in on_deployment(name, list(due), Reprocess.missing, scheduled=due):
+        if skipped:
+            news = "completed" if run.state.is_completed() else f"{run.state.name}, left to it"
+            print(f"catch-up {day}: run {run.name} {news}", file=sys.stderr, flush=True)
+            continue
+        created.append(day)
+        print(f"catch-up {day}: no completed run, created run {run.name}", file=sys.stderr, flush=True)
+    return created
+
+
+def serve_pipeline(
+    name: str,
+    schedule: "Schedule",
+    parameters: dict[str, Any],
+    *,
+    retrain_on_drift: bool = False,
+    catch_up_days: int = 0,
+    notify_urls: tuple[str, ...] = (),
+) -> None:
+    """Create (or update) the deployment `featuresum-pipeline/<name>` and execute its runs until stopped.
+
+    Before it polls for runs: the automations of its server are set (dead runs marked Crashed; the
+    notifications to `notify_urls`, removed when there are none), and the fire times missed in the
+    last `catch_up_days` days are given runs.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_UI_URL
     from prefect.types.entrypoint import EntrypointType
 
+    from featuresum.flows import automations
     from featuresum.flows.pipeline import pipeline_flow
 
     triggers = [drift_trigger(name, parameters["artifacts_dir"])] if retrain_on_drift else []
-
+    deployment = {
+        "name": name,
+        "schedules": [schedule],
+        "parameters": parameters,
+        "triggers": triggers,
+        "tags": ["featuresum", "scheduled", f"seed-{parameters['seed']}"],
+        "description": "Scheduled retraining: generate data, train and checkpoint, score a new batch, monitor it.",
+        # The installed module, not a file path relative to wherever serve was started.
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+    }
+    full_name = f"{pipeline_flow.name}/{name}"
     with local_server.prefect_api():
-        pipeline_flow.serve(
-            name=name,
-            schedules=[schedule],
-            parameters=parameters,
-            limit=RUN_LIMIT,
-            triggers=triggers,
-            tags=["featuresum", "scheduled", f"seed-{parameters['seed']}"],
-            description="Scheduled retraining: generate data, train and checkpoint, score a new batch, monitor it.",
-            # The installed module, not a file path relative to wherever serve was started.
-            entrypoint_type=EntrypointType.MODULE_PATH,
-        )
+        deployment_id = pipeline_flow.to_deployment(**deployment).apply()
+        with get_client(sync_client=True) as client:
+            automations.watch_dead_runs(client)
+            ui = PREFECT_UI_URL.value() or ""
+            automations.notify(
+                client, str(deployment_id), full_name, parameters["artifacts_dir"], list(notify_urls), ui
+            )
+        catch_up(full_name, schedule, catch_up_days)
+        pipeline_flow.serve(**deployment, limit=RUN_LIMIT)

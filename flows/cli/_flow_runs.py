@@ -143,13 +143,18 @@ def _check_api(api_url: str) -> None:
 def prefect_session() -> Iterator[str]:
     """The Prefect API to record runs in, checked and watched; its URL."""
     import httpx
+    from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
+
+    from featuresum.flows.automations import watch_dead_runs
 
     with local_server.prefect_api() as api_url:
         _check_api(api_url)
         _watch_api(api_url)
         _quiet_console_tracebacks()
         try:
+            with get_client(sync_client=True) as client:
+                watch_dead_runs(client)
             yield api_url
         except (httpx.HTTPError, PrefectHTTPStatusError) as error:
             raise _api_failure(error, api_url) from None

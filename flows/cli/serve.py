@@ -26,6 +26,25 @@ def serve(
             "(a trigger on the featuresum.drift.detected event), for the date of that batch."
         ),
     ] = False,
+    catch_up: Annotated[
+        int,
+        typer.Option(
+            "--catch-up",
+            min=0,
+            metavar="DAYS",
+            help="At start, give a run to every fire time of the last DAYS days whose date has no completed run "
+            "of the deployment (oldest first; a date whose run is in flight is left to it). 0: off.",
+        ),
+    ] = 3,
+    notify: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--notify",
+            metavar="URL",
+            help="POST JSON to URL when a run of the deployment ends Failed or Crashed, a batch drifts to level "
+            "alert, or the champion changes (a Prefect automation; repeatable). Without it, those are removed.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the pipeline on a cron schedule and execute its runs (one at a time) until stopped."""
     from featuresum.flows.pipeline import pipeline_flow
@@ -34,4 +53,11 @@ def serve(
     when = cron_schedule(cron, timezone)
     # The folders are absolute: runs execute in subprocesses and may be triggered from anywhere.
     prepare_folders(options.data_dir, options.artifacts_dir)
-    serve_pipeline(name, when, options.parameters(pipeline_flow), retrain_on_drift)
+    serve_pipeline(
+        name,
+        when,
+        options.parameters(pipeline_flow),
+        retrain_on_drift=retrain_on_drift,
+        catch_up_days=catch_up,
+        notify_urls=tuple(notify or ()),
+    )

@@ -64,7 +64,8 @@ class AliasChange:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    """Microseconds, so that a version registered and an alias moved within one second keep their order."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _change(row: sqlite3.Row) -> AliasChange:

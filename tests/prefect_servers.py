@@ -166,3 +166,42 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, inter
 
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@contextmanager
+def serve_command(server: PrefectServer, work: Path, name: str, *options: str, env: dict[str, str] | None = None):
+    """`featuresum serve --name NAME OPTIONS` running against the server from `work`, until its schedule is live.
+
+    Yields (the serve process, the deployment); its output goes to `work/serve.log`. The process group is
+    stopped (SIGTERM, then SIGKILL) on exit.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    log = work / "serve.log"
+    command = [str(BIN / "featuresum"), "serve", "--name", name, *options]
+    # A served runner polls for due runs every 10 s by default; 1 s keeps the tests short.
+    env = {**server.client_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1", **(env or {})}
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        with server.settings(), get_client(sync_client=True) as client:
+
+            def deployment():
+                assert process.poll() is None, f"featuresum serve exited with {process.returncode}:\n{tail(log)}"
+                try:
+                    return client.read_deployment_by_name(f"featuresum-pipeline/{name}")
+                except ObjectNotFound:
+                    return None
+
+            found = wait_until(deployment, 180, "the served deployment")
+            # The runner pauses the schedule on SIGTERM only once it polls (the deployment is then READY);
+            # a SIGTERM before that exits without pausing.
+            ready = lambda: client.read_deployment(found.id).status.value == "READY"  # noqa: E731
+            wait_until(ready, 60, "serve to poll for runs")
+            yield process, found
+    finally:
+        stop_process_group(process)

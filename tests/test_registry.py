@@ -23,9 +23,9 @@ def register(registry, n, **kwargs):
 
 
 def recent(timestamp):
-    """An ISO 8601 UTC time with seconds, taken within the last minute."""
+    """An ISO 8601 UTC time with microseconds, taken within the last minute."""
     parsed = datetime.fromisoformat(timestamp)
-    assert timestamp == parsed.isoformat(timespec="seconds") and parsed.utcoffset() == timedelta(0)
+    assert timestamp == parsed.isoformat(timespec="microseconds") and parsed.utcoffset() == timedelta(0)
     return timedelta(0) <= datetime.now(UTC) - parsed < timedelta(minutes=1)
 
 

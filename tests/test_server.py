@@ -10,7 +10,6 @@ import asyncio
 import base64
 import json
 import math
-import subprocess
 import urllib.request
 import uuid
 from contextlib import contextmanager
@@ -20,15 +19,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from prefect_servers import (
-    BIN,
     UUID,
     clean_environment,
     http_status,
     prefect_server,
     require_service,
     run_command,
+    serve_command,
     stop_process_group,
-    tail,
     wait_until,
 )
 
@@ -234,42 +232,10 @@ def test_an_undrifted_batch_is_monitored_and_emits_no_event(server, cli_run):
 # --- featuresum serve ----------------------------------------------------------------------------
 
 
-@contextmanager
 def serving(server, work: Path, name: str, *extra: str):
-    """`featuresum serve` running against the server from `work`; yields (process, the deployment)."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    log = work / "serve.log"
-    command = [
-        str(BIN / "featuresum"), "serve", "--cron", CRON, "--timezone", TIMEZONE, "--name", name, *options(SMALL),
-        "--data-dir", "data", "--artifacts-dir", "artifacts", *extra,
-    ]  # fmt: skip
-    # A served runner polls for due runs every 10 s by default; 1 s keeps the tests short.
-    env = {**server.client_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        with server.settings(), get_client(sync_client=True) as client:
-
-            def deployment():
-                assert process.poll() is None, f"featuresum serve exited with {process.returncode}:\n{tail(log)}"
-                try:
-                    return client.read_deployment_by_name(f"featuresum-pipeline/{name}")
-                except ObjectNotFound:
-                    return None
-
-            found = wait_until(deployment, 180, "the served deployment")
-            # The runner pauses the schedule on SIGTERM only once it polls (the deployment is then READY);
-            # a SIGTERM before that exits without pausing.
-            ready = lambda: client.read_deployment(found.id).status.value == "READY"  # noqa: E731
-            wait_until(ready, 60, "serve to poll for runs")
-            yield process, found
-    finally:
-        stop_process_group(process)
+    """`featuresum serve` of the small pipeline on the test cron, without catching up; see `serve_command`."""
+    settings = ["--cron", CRON, "--timezone", TIMEZONE, *options(SMALL), "--data-dir", "data", "--artifacts-dir"]
+    return serve_command(server, work, name, *settings, "artifacts", "--catch-up", "0", *extra)
 
 
 @pytest.fixture(scope="module")

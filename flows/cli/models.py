@@ -51,7 +51,7 @@ def list_versions(artifacts_dir: ArtifactsDir = "artifacts", json_output: JsonOp
     for version in versions:
         aliases = ",".join(version.aliases) or "-"
         print(
-            f"{version.version:>7}  {_accuracy(version.metrics):>8}  {version.created:<25}  {aliases:<10}  "
+            f"{version.version:>7}  {_accuracy(version.metrics):>8}  {version.created[:19] + 'Z':<25}  {aliases:<10}  "
             f"{version.checkpoint}"
         )
 

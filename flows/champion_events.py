@@ -63,3 +63,27 @@ def announce(registry: Registry, artifacts_dir: storage.Location, change: AliasC
     from prefect.events import emit_event
 
     return emit_event(**champion_event(registry, artifacts_dir, change, **details)) is not None
+
+
+def announce_by_hand(
+    registry: Registry, artifacts_dir: storage.Location, change: AliasChange, *, rolled_back: bool = False
+) -> str | None:
+    """Send the event of a move by `models promote` or `rollback`; the API it went to, None when none is up.
+
+    The configured API (PREFECT_API_URL), else featuresum's local server when it runs: a command that
+    only edits the registry starts no server for its event.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from featuresum.flows import local_server
+
+    url = local_server.configured_api_url()
+    if url is None and (status := local_server.server_status(local_server.prefect_home())):
+        url = status["api_url"]
+    if url is None or local_server.api_health(url) != "ok":
+        return None
+    with temporary_settings({PREFECT_API_URL: url}):
+        sent = announce(registry, artifacts_dir, change, rolled_back=rolled_back)
+        EventsWorker.drain_all(timeout=10.0)
+    return url if sent else None

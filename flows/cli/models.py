@@ -1,11 +1,13 @@
 """`featuresum models`: the registry of trained model versions and the alias `champion` that scoring uses.
 
 The registry is a SQLite file in the artifacts folder; these commands read and change it directly,
-without a Prefect server. `import` and `export` move models in and out in the original script's format,
+without a Prefect server (a move of the champion is sent to Prefect as an event when a server is up).
+`import` and `export` move models in and out in the original script's format,
 a plain state_dict (`torch.save(model.state_dict(), "model.pth")`).
 """
 
 import json
+import sys
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,6 +79,19 @@ def _print_change(change: Any, json_output: bool, unchanged: str) -> None:
         print(f"champion: version {change.previous} -> {change.version} ({change.reason})")
 
 
+def _announce(registry: Any, artifacts_dir: str, change: Any, rolled_back: bool) -> None:
+    """Tell Prefect of a move by hand (on stderr: where the event went, or that none was sent)."""
+    from featuresum.flows.champion_events import announce_by_hand
+
+    if change is None:
+        return
+    event = "featuresum.model.rolled-back" if rolled_back else "featuresum.model.promoted"
+    if url := announce_by_hand(registry, artifacts_dir, change, rolled_back=rolled_back):
+        print(f"event {event} sent to {url}", file=sys.stderr)
+    else:
+        print(f"no Prefect server is up: no {event} event sent", file=sys.stderr)
+
+
 @models_app.command()
 def promote(
     version: Annotated[int, typer.Argument(help="The version to make the champion.")],
@@ -85,8 +100,10 @@ def promote(
     json_output: JsonOpt = False,
 ) -> None:
     """Make a version the champion, whatever its accuracy; the change is kept in the history."""
-    change = _registry(artifacts_dir).set_alias(version, reason)
+    registry = _registry(artifacts_dir)
+    change = registry.set_alias(version, reason)
     _print_change(change, json_output, f"version {version} is already the champion")
+    _announce(registry, artifacts_dir, change, rolled_back=False)
 
 
 @models_app.command()
@@ -96,7 +113,10 @@ def rollback(
     json_output: JsonOpt = False,
 ) -> None:
     """Walk the champion one step back along its history: each rollback goes one version further back."""
-    _print_change(_registry(artifacts_dir).rollback(reason), json_output, "")
+    registry = _registry(artifacts_dir)
+    change = registry.rollback(reason)
+    _print_change(change, json_output, "")
+    _announce(registry, artifacts_dir, change, rolled_back=True)
 
 
 @models_app.command("import")

@@ -41,6 +41,8 @@ class Version:
     flow_run_id: str | None
     created: str
     aliases: tuple[str, ...]
+    # When `featuresum gc` deleted the checkpoint (None while it is kept); the row stays.
+    pruned: str | None = None
 
     def as_dict(self) -> dict:
         """Every field, ready for JSON (aliases as a list)."""
@@ -116,6 +118,7 @@ def _version(row: sqlite3.Row, aliases: dict[int, tuple[str, ...]], folder: stor
         flow_run_id=row["flow_run_id"],
         created=row["created"],
         aliases=aliases.get(row["version"], ()),
+        pruned=row["pruned"] if "pruned" in row.keys() else None,  # a file from before the column: none pruned
     )
 
 
@@ -139,7 +142,7 @@ def _move_alias(
     return change
 
 
-def _lineage(moves: Iterable[sqlite3.Row]) -> list[int]:
+def _lineage(moves: Iterable[sqlite3.Row | dict]) -> list[int]:
     """The versions an alias stood at, oldest first, with every move back (a rollback) taken out.
 
     A move from the latest version of the lineage to the one before it undoes the move that brought
@@ -159,6 +162,16 @@ def changed_weights(model: str, version: int) -> str:
     return (
         f"{model}: the checkpoint of model version {version} no longer holds its registered weights: restore"
         " the file, or score with another version"
+    )
+
+
+def pruned_checkpoint(model: str, version: Version) -> str:
+    """The message for scoring with a version whose checkpoint retention deleted."""
+    rerun = f"`featuresum run --date {version.run_date}`" if version.run_date else "its run again"
+    return (
+        f"{model}: model version {version.version} was pruned by `featuresum gc` on {version.pruned[:10]} (its"
+        f" checkpoint is deleted): score with `champion` or another version (`featuresum models list`), or"
+        f" train it again with {rerun}"
     )
 
 
@@ -240,6 +253,10 @@ class Registry:
                 stored = _stored(self._folder, str(checkpoint))
                 conn.execute("UPDATE versions SET checkpoint = ? WHERE version = ?", (stored, existing.version))
                 return self._select_version(conn, "fingerprint", fingerprint)
+            if existing is not None and existing.pruned and storage.exists(existing.checkpoint):
+                # Its date was run again after retention: the very weights are back.
+                conn.execute("UPDATE versions SET pruned = NULL WHERE version = ?", (existing.version,))
+                return self._select_version(conn, "fingerprint", fingerprint)
             if existing is not None:
                 return existing
             conn.execute(
@@ -259,6 +276,12 @@ class Registry:
             return self._select_version(conn, "fingerprint", fingerprint)
 
         return self._file.write(add)
+
+    def mark_pruned(self, versions: Iterable[int]) -> None:
+        """Record that retention deleted these versions' checkpoints; their rows and history stay."""
+        numbers = [(_now(), number) for number in versions]
+        if numbers:
+            self._file.write(lambda conn: conn.executemany("UPDATE versions SET pruned = ? WHERE version = ?", numbers))
 
     def versions(self) -> list[Version]:
         """Every registered version, oldest first; [] when there is no registry file."""
@@ -333,6 +356,10 @@ class Registry:
                 return []
             rows = conn.execute("SELECT * FROM alias_history WHERE alias = ? ORDER BY id", (name,))
             return [_change(row) for row in rows]
+
+    def lineage(self, name: str = "champion") -> list[int]:
+        """The versions an alias stood at, oldest first, rollbacks taken out: a rollback goes to the one before last."""
+        return _lineage({"version": c.version, "previous": c.previous} for c in self.history(name))
 
     def rollback(
         self, reason: str = "rolled back", *, flow_run_id: str | None = None, name: str = "champion"

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS versions (
     config TEXT NOT NULL,
     metrics TEXT NOT NULL,
     flow_run_id TEXT,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    pruned TEXT
 );
 CREATE TABLE IF NOT EXISTS aliases (
     name TEXT PRIMARY KEY,
@@ -49,8 +50,20 @@ CREATE TABLE IF NOT EXISTS alias_history (
     changed TEXT NOT NULL
 );
 """
+# Columns added since schema 1, nullable: a file written before them gets them on its next write (an ALTER),
+# and reads of a file without them see NULL, so older featuresum and older files keep working together.
+ADDED_COLUMNS = {"versions": {"pruned": "TEXT"}}
 # SQLite's answers for a file that is not a database, or one whose pages are damaged.
 UNREADABLE_ERRORS = {sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT}
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Give a file written before them the columns added since (ADDED_COLUMNS)."""
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns.items():
+            if name not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 class RegistryFile:
@@ -123,6 +136,7 @@ class RegistryFile:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                _add_columns(conn)
                 yield conn
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -235,6 +235,15 @@ def delete(uri: str) -> None:
         client().delete_object(Bucket=bucket, Key=key)
 
 
+def list_prefix(uri: str) -> Iterator[tuple[str, int]]:
+    """(URI, size in bytes) of every object under `uri/`."""
+    bucket, key = split(uri)
+    with errors(uri):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/" if key else ""):
+            for found in page.get("Contents", []):
+                yield f"{SCHEME}{bucket}/{found['Key']}", found["Size"]
+
+
 def delete_prefix(uri: str, older_than: float | None = None) -> None:
     """Delete every object under `uri/` (with `older_than`, those last written more than that many seconds ago)."""
     bucket, key = split(uri)

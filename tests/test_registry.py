@@ -53,6 +53,7 @@ def test_register_records_everything_and_a_known_fingerprint_returns_its_version
         "flow_run_id": "run-a",
         "created": first.created,
         "aliases": [],
+        "pruned": None,
     }
 
 

@@ -4,7 +4,7 @@ The package's rooms, whose public names are all importable from here (`storage.w
 
 - `locations`: local paths and `s3://` URIs, and the name of every output;
 - `keys`: the code version and the specification key that name what an output is made from;
-- `files`: whole files written atomically, read, changed, removed, identified and hashed (`fingerprint`);
+- `files`: whole files written atomically, read, changed, listed, removed, identified and hashed (`fingerprint`);
 - `locks`: the lock that lets one local process at a time produce a file;
 - `manifests`: the record beside each finished output (which run wrote it, what it holds);
 - `parquet`: the schemas of feature and prediction files, their streamed writes and checked reads.
@@ -23,8 +23,10 @@ from featuresum.tasks.storage.files import (
     exists,
     fingerprint,
     identity,
+    list_files,
     read_bytes,
     remove,
+    remove_empty_folder,
     remove_tree,
     sweep_leftovers,
     temporary_name,
@@ -99,6 +101,7 @@ __all__ = [
     "iter_feature_batches",
     "iter_parquet_batches",
     "join",
+    "list_files",
     "local_lock",
     "lock_path",
     "manifest_of",
@@ -116,6 +119,7 @@ __all__ = [
     "read_dataset",
     "read_manifest",
     "remove",
+    "remove_empty_folder",
     "remove_tree",
     "resolve",
     "row_group_shards",

@@ -192,6 +192,25 @@ def remove_tree(location: Location, older_than: float | None = None, now: float 
             Path(location).rmdir()
 
 
+def list_files(directory: Location) -> list[tuple[Location, int]]:
+    """(location, size in bytes) of every file under a folder (or object under a key prefix), dotfiles too."""
+    if is_remote(directory):
+        return list(s3.list_prefix(directory))
+    found = []
+    for path in Path(directory).rglob("*"):
+        with suppress(FileNotFoundError):
+            if path.is_file() and not path.is_symlink():
+                found.append((path, path.stat().st_size))
+    return found
+
+
+def remove_empty_folder(location: Location) -> None:
+    """Delete a local folder if it holds nothing (on an object store a prefix without objects is no folder)."""
+    if not is_remote(location):
+        with suppress(OSError):  # not empty, or gone already
+            Path(location).rmdir()
+
+
 def identity(path: Location) -> dict[str, Any]:
     """What changes whenever a file is rewritten, replaced or touched: size, times and inode (size and ETag).
 

@@ -64,6 +64,13 @@ class PipelineOptions:
         min=0.0,
     )
     refresh: bool = _option(False, "Recompute every step instead of reusing cached outputs.")
+    keep_days: int | None = _option(
+        None,
+        "Delete what no run of the last N run dates (counted back from the newest) can need: older data partitions,"
+        " predictions and checkpoints; the champion, its recent predecessors and the newest date's window stay"
+        " (see `featuresum gc`). Unset: keep everything.",
+        min=1,
+    )
 
     @classmethod
     def help(cls, name: str) -> str:

@@ -86,7 +86,8 @@ def train_flow(options: PipelineOptions, run_date: str | None = None) -> dict[st
 @flow(name="featuresum-pipeline", flow_run_name=_run_name("pipeline"), task_runner=ONE_SHARD_AT_A_TIME)
 @flow_options(*(option.name for option in fields(PipelineOptions)))
 def pipeline_flow(options: PipelineOptions, run_date: str | None = None) -> dict[str, Any]:
-    """Train a challenger on the run date's data, gate it, score the date's batch with the champion, monitor it."""
+    """Train a challenger on the run date's data, gate it, score the date's batch with the champion, monitor it
+    (and, with keep_days, delete what no recent run can need)."""
     monitoring.check_thresholds(options.drift_warn, options.drift_alert)
     run, day, device, outputs, decision = _train_and_gate(options, run_date)
     champion = decision["champion"]
@@ -95,9 +96,10 @@ def pipeline_flow(options: PipelineOptions, run_date: str | None = None) -> dict
         batch = steps.generate("score", options.score_samples, day, source, run)
         predictions = steps.score(champion, batch, device, None, options, run)
         observed = steps.monitor(champion, batch, predictions, day, options, "pipeline", run)
+        retained = steps.retain(options, run)
     summary = _summary(run, **outputs, score_input=batch, predictions=predictions)
     scored = {"run_date": day.isoformat(), "scored_with": champion["path"], "drift": observed}
-    return {**_registered(summary, decision), **scored}
+    return {**_registered(summary, decision), **scored, **({"retention": retained} if retained else {})}
 
 
 def _refuse_overwriting_inputs(output: str | None, *inputs: str | None) -> None:

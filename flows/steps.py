@@ -19,7 +19,14 @@ from prefect.tasks import Task
 from featuresum.flows.options import PipelineOptions
 from featuresum.tasks import monitoring, storage
 from featuresum.tasks.errors import EnvironmentFailure
-from featuresum.tasks.prefect_tasks import generate_dataset, monitor_batch, score_shard, train_model, write_predictions
+from featuresum.tasks.prefect_tasks import (
+    generate_dataset,
+    monitor_batch,
+    retain_artifacts,
+    score_shard,
+    train_model,
+    write_predictions,
+)
 from featuresum.tasks.registry import Registry
 from featuresum.tasks.results import result_storage
 from featuresum.tasks.settings import resolve_device
@@ -282,3 +289,13 @@ def monitor(
         refresh=run.refresh,
     )
     return monitored["drift"]
+
+
+def retain(options: PipelineOptions, run: Run) -> dict[str, Any] | None:
+    """With --keep-days, delete what no run of the last days can need (after the run used what it needs)."""
+    if options.keep_days is None:
+        return None
+    report = run.call(
+        retain_artifacts, data_dir=options.data_dir, artifacts_dir=options.artifacts_dir, keep_days=options.keep_days
+    )
+    return {"deleted_files": len(report["deleted"]), **{k: report[k] for k in ("freed_bytes", "pruned_versions")}}

@@ -20,7 +20,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from featuresum.tasks import data, monitoring, reports, scoring, storage
+from featuresum.tasks import data, monitoring, reports, retention, scoring, storage
 from featuresum.tasks.drift_events import emit_drift, log_drift
 from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.settings import TrainConfig
@@ -287,3 +287,23 @@ def _reference(model: dict[str, Any]) -> dict[str, Any] | None:
     from featuresum.tasks.checkpoint import load_checkpoint
 
     return load_checkpoint(model["path"], model["fingerprint"]).get("reference")
+
+
+@task(
+    task_run_name="retain-artifacts",
+    cache_policy=NO_CACHE,
+    retries=FILE_RETRIES.retries,
+    retry_condition_fn=is_transient,
+)
+def retain_artifacts(data_dir: str, artifacts_dir: str, keep_days: int) -> dict[str, Any]:
+    """Delete the partitions, predictions and checkpoints no run of the last `keep_days` dates can need (retention)."""
+    report = retention.retain(data_dir, artifacts_dir, keep_days)
+    get_run_logger().info(
+        "Retention (%d days from %s): deleted %d files, %d bytes; pruned versions %s",
+        keep_days,
+        report["kept"].get("newest_date"),
+        len(report["deleted"]),
+        report["freed_bytes"],
+        report["pruned_versions"] or "none",
+    )
+    return report

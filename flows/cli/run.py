@@ -28,7 +28,9 @@ def today() -> str:
 @app.command(
     help=f"Run the whole pipeline: generate data, train and checkpoint, score a new batch.\n\n{LOCAL_SERVER_HELP}"
 )
-@pipeline_options(*TRAINING, "score_samples", *RETRAINING, *SCORING, "min_improvement", *DRIFT_LEVELS, "refresh")
+@pipeline_options(
+    *TRAINING, "score_samples", *RETRAINING, *SCORING, "min_improvement", *DRIFT_LEVELS, "refresh", "keep_days"
+)
 def run(
     options: PipelineOptions,
     run_date: RunDate = None,

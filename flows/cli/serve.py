@@ -11,7 +11,9 @@ from featuresum.flows.options import PipelineOptions
 
 
 @app.command()
-@pipeline_options(*TRAINING, "score_samples", *RETRAINING, *SCORING, "min_improvement", *DRIFT_LEVELS, "refresh")
+@pipeline_options(
+    *TRAINING, "score_samples", *RETRAINING, *SCORING, "min_improvement", *DRIFT_LEVELS, "refresh", "keep_days"
+)
 def serve(
     options: PipelineOptions,
     cron: Annotated[str, typer.Option(help="When to run, as a cron string (minute hour day month weekday).")] = (

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from featuresum.flows import cli
 
-COMMANDS = ["run", "train", "score", "backfill", "serve", "server", "models"]
+COMMANDS = ["run", "train", "score", "backfill", "serve", "gc", "server", "models"]
 
 
 def featuresum(capsys, *args):

@@ -1,7 +1,7 @@
 """The `featuresum` command line: one-off pipeline runs, training, scoring, backfills and scheduled serving.
 
-One module per command group (run.py holds run and train; score, backfill, serve, monitor, models and
-server each have their own); the shared options are generated from PipelineOptions (_options.py),
+One module per command group (run.py holds run and train; score, backfill, serve, monitor, gc, models
+and server each have their own); the shared options are generated from PipelineOptions (_options.py),
 and _flow_runs.py runs a flow from the command line. This module assembles the app.
 
 Exit codes: 0 success; 2 for what the user can fix (an option, a file, a folder); 1 for the
@@ -27,7 +27,7 @@ from featuresum.flows.cli._app import app
 
 # isort: off
 # Each module adds its commands to the app; `featuresum --help` lists them in this order.
-from featuresum.flows.cli import run, score, backfill, serve, monitor  # noqa: F401, E402
+from featuresum.flows.cli import run, score, backfill, serve, monitor, gc  # noqa: F401, E402
 
 # isort: on
 from featuresum.flows.cli.models import models_app

@@ -41,7 +41,7 @@ def _accuracy(metrics: dict) -> str:
 
 @models_app.command("list")
 def list_versions(artifacts_dir: ArtifactsDir = "artifacts", json_output: JsonOpt = False) -> None:
-    """List every registered version, oldest first, with its held-out accuracy and aliases."""
+    """List every registered version, oldest first, with its held-out accuracy and aliases; pruned ones say so."""
     versions = _registry(artifacts_dir).versions()
     if json_output:
         print(json.dumps([{**v.as_dict(), "val_accuracy": v.metrics.get("val_accuracy")} for v in versions]))
@@ -52,9 +52,10 @@ def list_versions(artifacts_dir: ArtifactsDir = "artifacts", json_output: JsonOp
     print(f"{'version':>7}  {'accuracy':>8}  {'created':<25}  {'aliases':<10}  checkpoint")
     for version in versions:
         aliases = ",".join(version.aliases) or "-"
+        pruned = f" (pruned by gc on {version.pruned[:10]})" if version.pruned else ""
         print(
             f"{version.version:>7}  {_accuracy(version.metrics):>8}  {version.created[:19] + 'Z':<25}  {aliases:<10}  "
-            f"{version.checkpoint}"
+            f"{version.checkpoint}{pruned}"
         )
 
 

@@ -22,13 +22,19 @@ from featuresum.tasks.errors import EnvironmentFailure
 
 
 def _checked_model(model: str, options: PipelineOptions) -> str:
-    """The checkpoint to score with (a registered version resolved to its file), refused if it changed."""
+    """The checkpoint to score with (a registered version resolved to its file), refused if it changed or was pruned."""
     from featuresum.tasks import storage
-    from featuresum.tasks.registry import Registry, changed_weights
+    from featuresum.tasks.errors import InputError
+    from featuresum.tasks.registry import Registry, changed_weights, pruned_checkpoint
 
     registry = Registry(options.artifacts_dir)
     if (model == "champion" or model.isdigit()) and not storage.exists(model):
-        model = str(registry.resolve(model).checkpoint)
+        version = registry.resolve(model)
+        if version.pruned:
+            raise InputError(pruned_checkpoint(model, version))
+        model = str(version.checkpoint)
+    elif not storage.exists(model) and (kept := registry.at_checkpoint(storage.resolve(model))) and kept[-1].pruned:
+        raise InputError(pruned_checkpoint(model, kept[-1]))
     if storage.exists(model) and (changed := registry.changed_at(storage.resolve(model), storage.fingerprint(model))):
         raise EnvironmentFailure(changed_weights(model, changed.version))
     return model

@@ -123,8 +123,9 @@ def plan(data_dir: storage.Location, artifacts_dir: storage.Location, keep_days:
         }
     )
     result.deleted += [(loc, size) for name, loc, size in _files(data_dir) if _old_partition(name, data_from)]
-    _plan_checkpoints(result, artifacts_dir, versions, kept_versions)
-    _plan_predictions(result, artifacts_dir, history, cutoff)
+    artifacts = _files(artifacts_dir)
+    _plan_checkpoints(result, artifacts_dir, artifacts, versions, kept_versions)
+    _plan_predictions(result, artifacts_dir, artifacts, history, cutoff)
     return result
 
 
@@ -133,12 +134,14 @@ def _old_partition(name: str, data_from: date) -> bool:
     return found is not None and date.fromisoformat(found["date"]) < data_from
 
 
-def _plan_checkpoints(result: Plan, artifacts_dir: storage.Location, versions: list[Version], kept: set[int]) -> None:
+def _plan_checkpoints(
+    result: Plan, artifacts_dir: storage.Location, artifacts: list, versions: list[Version], kept: set[int]
+) -> None:
     """A checkpoint goes when it is registered and every version at it is old; unregistered ones stay."""
     at: dict[str, list[Version]] = {}
     for version in versions:
         at.setdefault(version.checkpoint, []).append(version)
-    for name, location, size in _files(artifacts_dir):
+    for name, location, size in artifacts:
         if found := CHECKPOINT.fullmatch(name):
             owners = at.get(str(storage.join(artifacts_dir, found["owner"])), [])
             if owners and not {v.version for v in owners} & kept:
@@ -149,13 +152,13 @@ def _plan_checkpoints(result: Plan, artifacts_dir: storage.Location, versions: l
 
 
 def _plan_predictions(
-    result: Plan, artifacts_dir: storage.Location, history: list[dict[str, Any]], cutoff: date
+    result: Plan, artifacts_dir: storage.Location, artifacts: list, history: list[dict[str, Any]], cutoff: date
 ) -> None:
     """Predictions go (with their shard folder) when every batch the history records in them is older."""
     dates: dict[str, list[date | None]] = {}
     for row in history:
         dates.setdefault(str(row["predictions"]), []).append(_day(row["run_date"]))
-    for name, location, size in _files(artifacts_dir):
+    for name, location, size in artifacts:
         if found := PREDICTIONS.fullmatch(name):
             recorded = dates.get(str(storage.join(artifacts_dir, found["owner"] or found["parts"])))
             if recorded and all(day is not None and day < cutoff for day in recorded):

@@ -1,6 +1,7 @@
 """Retention (`featuresum gc` and the pipeline's keep_days): real runs, real files, locally and on the S3 server."""
 
 import json
+import re
 from datetime import date, timedelta
 
 import pytest
@@ -38,7 +39,9 @@ def task_run_names(flow_run_id: str) -> dict[str, str]:
 
 
 def partitions(folder, day: str) -> list[str]:
-    return [where for where in files(folder) if f"/date={day}/" in where and where.endswith("/part-0.parquet")]
+    """The date's partitions of the datasets a run writes (train, holdout, score)."""
+    written = re.compile(rf".*/(train|holdout|score)-[0-9a-f]{{16}}/date={day}/part-0\.parquet")
+    return [where for where in files(folder) if written.fullmatch(where)]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,14 @@ def test_gc_frees_what_no_recent_run_needs_and_keeps_what_they_do(backfilled, ca
     folder, runs = backfilled
     gc = ["gc", "--keep-days", str(KEEP_DAYS), "--data-dir", str(folder / "data")]
     gc += ["--artifacts-dir", str(folder / "artifacts"), "--json"]
+    # Files of shapes featuresum does not write stay, however old their dates.
+    strangers = [
+        folder / "data" / "mine" / f"date={DATES[0]}" / "part-0.parquet",
+        folder / "artifacts" / "model-mine.pt",
+    ]
+    for stranger in strangers:
+        stranger.parent.mkdir(parents=True, exist_ok=True)
+        stranger.write_bytes(b"not featuresum's")
     before = files(folder)
 
     code, out, _ = featuresum(capsys, *gc, "--dry-run")
@@ -81,7 +92,7 @@ def test_gc_frees_what_no_recent_run_needs_and_keeps_what_they_do(backfilled, ca
     assert registry.lineage()[-2] in kept["rollback_targets"] if len(registry.lineage()) > 1 else True
     assert not partitions(folder, DATES[0]) and partitions(folder, kept["data_from"])
     assert runs[DATES[0]]["predictions"] in report["deleted"] and storage.exists(runs[DATES[-KEEP_DAYS]]["predictions"])
-    assert storage.exists(folder / "artifacts" / "monitoring.parquet")
+    assert storage.exists(folder / "artifacts" / "monitoring.parquet") and all(map(storage.exists, strangers))
 
     # Versions whose checkpoints went keep their rows, marked pruned; scoring with one says so in a line.
     assert report["pruned_versions"] and set(report["pruned_versions"]).isdisjoint(kept["rollback_targets"])

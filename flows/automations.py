@@ -37,8 +37,8 @@ def watch_dead_runs(client: Any) -> timedelta | None:
     """Keep the automation that marks a featuresum run Crashed when its heartbeats stop; its bound.
 
     Every flow run sends `prefect.flow-run.heartbeat` every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds
-    while its process lives. A run of ours (tagged `featuresum`) that sends neither another heartbeat
-    nor a final state within the bound is set to Crashed. Runs of other projects on the server are
+    while its process lives. A run of ours (tagged `featuresum`) that, once Running, sends neither
+    another heartbeat nor a final state within the bound is set to Crashed. Runs of other projects on the server are
     not touched. None (and no automation) when heartbeats are switched off.
     """
     from prefect.automations import AutomationCore
@@ -52,7 +52,8 @@ def watch_dead_runs(client: Any) -> timedelta | None:
         return None
     bound = heartbeat_bound(max(frequency, 30))
     trigger = EventTrigger(
-        after={"prefect.flow-run.heartbeat"},
+        # From Running on (the server records it), so a run killed before its first heartbeat left counts too.
+        after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
         expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in RUN_ENDED)},
         match={"prefect.resource.id": "prefect.flow-run.*"},
         match_related={"prefect.resource.id": "prefect.tag.featuresum"},

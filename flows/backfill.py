@@ -158,7 +158,8 @@ def on_deployment(
         ):
             earlier.setdefault(run_date_of(run), []).append(run)
         mark_crashed(client, (run for runs in earlier.values() for run in runs))
-    latest = {day: runs[0] for day, runs in earlier.items()}
+    # The latest run of a date is the one created last: a rerun may be scheduled for the same time.
+    latest = {day: max(runs, key=lambda run: run.created) for day, runs in earlier.items()}
     pending = to_run(days, latest, reprocess)
     for day in days:
         if day not in pending:

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,7 @@ def serve_command(server: PrefectServer, work: Path, name: str, *options: str, e
     from prefect.exceptions import ObjectNotFound
 
     log = work / "serve.log"
+    started = datetime.now(UTC)
     command = [str(BIN / "featuresum"), "serve", "--name", name, *options]
     # A served runner polls for due runs every 10 s by default; 1 s keeps the tests short.
     env = {**server.client_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1", **(env or {})}
@@ -198,10 +200,16 @@ def serve_command(server: PrefectServer, work: Path, name: str, *options: str, e
                     return None
 
             found = wait_until(deployment, 180, "the served deployment")
+
             # The runner pauses the schedule on SIGTERM only once it polls (the deployment is then READY);
-            # a SIGTERM before that exits without pausing.
-            ready = lambda: client.read_deployment(found.id).status.value == "READY"  # noqa: E731
-            wait_until(ready, 60, "serve to poll for runs")
+            # a SIGTERM before that exits without pausing. A deployment served before stays READY for a
+            # while after its runner stopped: this process has polled only once last_polled follows its start.
+            def polled():
+                found = client.read_deployment(found_id)
+                return found.status.value == "READY" and found.last_polled and found.last_polled > started
+
+            found_id = found.id
+            wait_until(polled, 180, "serve to poll for runs")
             yield process, found
     finally:
         stop_process_group(process)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,7 +33,12 @@ def test_every_task_run_of_a_many_task_flow_is_recorded(cli):
     assert len(flow_run_ids) == 2
 
     home = Path(cli.env["PREFECT_HOME"])
-    assert local_server.server_status(home)["api_url"].startswith("http://127.0.0.1:")
+    status = local_server.server_status(home)
+    assert status["api_url"].startswith("http://127.0.0.1:")
+    # Its records stay bounded: the server's vacuum deletes old flow runs as well as old events.
+    with urllib.request.urlopen(f"{status['api_url']}/admin/settings", timeout=10) as response:
+        vacuum = json.load(response)["server"]["services"]["db_vacuum"]
+    assert {"events", "flow_runs"} <= set(vacuum["enabled"]) and vacuum["retention_period"], vacuum
     with sqlite3.connect(home / "prefect.db") as db:
         for flow_run_id in flow_run_ids:
             states = db.execute(

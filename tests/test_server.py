@@ -272,6 +272,7 @@ def test_serve_creates_the_cron_deployment(served):
         "drift_alert": 0.25,
         "shard_rows": 262144,
         "refresh": False,
+        "keep_days": None,
     }
 
 

@@ -82,11 +82,11 @@ def _print_change(change: Any, json_output: bool, unchanged: str) -> None:
 
 def _announce(registry: Any, artifacts_dir: str, change: Any, rolled_back: bool) -> None:
     """Tell Prefect of a move by hand (on stderr: where the event went, or that none was sent)."""
-    from featuresum.flows.champion_events import announce_by_hand
+    from featuresum.flows.champion_events import PROMOTED_EVENT, ROLLED_BACK_EVENT, announce_by_hand
 
     if change is None:
         return
-    event = "featuresum.model.rolled-back" if rolled_back else "featuresum.model.promoted"
+    event = ROLLED_BACK_EVENT if rolled_back else PROMOTED_EVENT
     if url := announce_by_hand(registry, artifacts_dir, change, rolled_back=rolled_back):
         print(f"event {event} sent to {url}", file=sys.stderr)
     else:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.server
 
 HEARTBEAT = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
 # Enough rows that a run is still training a few seconds after it starts, so it can be killed mid-run.
-SIZES = ["--train-samples", "60000", "--holdout-samples", "1000", "--score-samples", "500", "--epochs", "2"]
+SIZES = ["--train-samples", "30000", "--holdout-samples", "1000", "--score-samples", "500", "--epochs", "1"]
 FOLDERS = ["--data-dir", "data", "--artifacts-dir", "artifacts"]
 CRON = ["--cron", "0 3 * * *", "--timezone", "UTC"]
 # Heartbeat bound (75 s) plus the time the server's trigger service takes to see the silence.

@@ -189,7 +189,8 @@ def notify(client: Any, deployment_id: str, name: str, artifacts_dir: str, urls:
     blocks = []
     for number, url in enumerate(urls):
         block = Webhook(url=url, headers={"Content-Type": "application/json"})
-        block_name = f"featuresum-notify-{_slug(name)}-{number}"
+        # Named by the deployment's id: names that differ only in punctuation never share a block.
+        block_name = f"featuresum-notify-{deployment_id}-{number}"
         blocks.append(block.save(block_name, overwrite=True))
     for automation_name, (what, (trigger, payload)) in zip(
         names, _notifications(deployment_id, name, artifacts_dir, ui).items(), strict=True
@@ -204,8 +205,3 @@ def notify(client: Any, deployment_id: str, name: str, artifacts_dir: str, urls:
             ),
         )
     return names
-
-
-def _slug(name: str) -> str:
-    """A block name from a deployment name: lowercase letters, digits and dashes."""
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "deployment"

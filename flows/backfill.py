@@ -106,6 +106,17 @@ def mark_crashed(client: Any, runs: Iterator[Any]) -> None:
             run.state = state
 
 
+def count_completed_cancels(client: Any, runs: Iterator[Any]) -> None:
+    """Give back its Completed state to every run that completed and was then set Cancelled.
+
+    Prefect's runner cancels the runs it tracks when it is stopped (SIGTERM), one whose flow has
+    already returned included: its outputs are all written, so its date is done.
+    """
+    for run in runs:
+        if run.state.is_cancelled():
+            run.state = next((s for s in client.read_flow_run_states(run.id) if s.is_completed()), run.state)
+
+
 def to_run(days: list[date], earlier: dict[str, Any], reprocess: Reprocess) -> list[date]:
     """The dates to run, given the latest earlier run of each date.
 
@@ -158,6 +169,7 @@ def on_deployment(
         ):
             earlier.setdefault(run_date_of(run), []).append(run)
         mark_crashed(client, (run for runs in earlier.values() for run in runs))
+        count_completed_cancels(client, (run for runs in earlier.values() for run in runs))
     # The latest run of a date is the one created last: a rerun may be scheduled for the same time.
     latest = {day: max(runs, key=lambda run: run.created) for day, runs in earlier.items()}
     pending = to_run(days, latest, reprocess)

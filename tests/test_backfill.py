@@ -104,7 +104,7 @@ def test_a_backfill_killed_mid_date_reruns_that_date_when_repeated(cli, tmp_path
     import signal
     import subprocess
 
-    from test_recovery import wait_for
+    from test_killed_runs import wait_for
 
     command = ["backfill", "--from", DATES[0], "--to", DATES[1], *TINY, *folders(tmp_path, "artifacts")]
     process = subprocess.Popen([cli.executable, *command], env=cli.env, cwd=tmp_path, stderr=subprocess.PIPE)

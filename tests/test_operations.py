@@ -119,6 +119,15 @@ def test_catch_up_runs_missed_dates_oldest_first_and_reruns_a_killed_one(server,
         assert ended == dict.fromkeys(days, "Completed")
         assert {v.run_date for v in Registry(tmp_path / "artifacts").versions()} == set(days)
 
+    # A third start finds every date completed and creates no run (Prefect's scheduler may add
+    # its own runs for future fire times: those carry no catch-up tag).
+    before = [run.id for run in runs_of(client, deployment.id) if "catch-up" in run.tags]
+    with serve_command(server, tmp_path, "caught-up", *options):
+        lines = catch_up_lines(tmp_path / "serve.log")[6:]
+        seen = [(r.name, r.parameters.get("run_date"), r.state.name, r.tags) for r in runs_of(client, deployment.id)]
+        assert [line.split(": ", 1)[1].endswith(" completed") for line in lines] == [True] * 3, (lines, seen)
+        assert [run.id for run in runs_of(client, deployment.id) if "catch-up" in run.tags] == before, seen
+
 
 @contextmanager
 def receiver() -> Iterator[tuple[str, list[dict]]]:
@@ -193,6 +202,23 @@ def test_notify_posts_a_failed_run_a_drift_alert_and_a_promotion_once_each(serve
         with serve_command(server, tmp_path, "notified", *CRON, *small, *FOLDERS, "--catch-up", "0"):
             left = {automation.name for automation in client.read_automations()}
         assert not {n for n in left if n.endswith("(featuresum-pipeline/notified)")}, left
+
+
+def test_deployments_whose_names_differ_in_punctuation_notify_their_own_urls(server, client):
+    import uuid
+
+    from featuresum.flows import automations
+
+    urls = {"featuresum-pipeline/x_1": "http://127.0.0.1:9/one", "featuresum-pipeline/x-1": "http://127.0.0.1:9/two"}
+    for name, url in urls.items():
+        automations.notify(client, str(uuid.uuid4()), name, "/somewhere", [url], "")
+    for name, url in urls.items():
+        for automation_name in automations._notify_names(name):
+            (automation,) = client.read_automations_by_name(automation_name)
+            (action,) = automation.actions
+            block = client.read_block_document(action.block_document_id, include_secrets=True)
+            assert block.data["url"] == url, (name, automation_name)
+        automations.notify(client, "unused", name, "/somewhere", [], "")
 
 
 def champion_events(server, folder: Path) -> list[dict]:

@@ -335,7 +335,7 @@ def test_runs_for_two_scheduled_dates_train_two_versions_one_at_a_time(server, c
 
 
 @SQLITE_ONLY
-def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, served):
+def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, client, served):
     process, work, _ = served
     command = [
         "backfill",
@@ -369,6 +369,15 @@ def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, served)
     again = json.loads(run_command("featuresum", *command, "--json", env=server.client_env, cwd=work).stdout)
     assert [run["state"] for run in again["runs"]] == ["Skipped", "Skipped"]
     assert [run["flow_run_id"] for run in again["runs"]] == [run["flow_run_id"] for run in backfilled["runs"]]
+
+    # Prefect's runner, stopped while a run's process is still exiting, sets the Completed run Cancelled:
+    # its date is still done.
+    from prefect.states import Cancelled
+
+    client.set_flow_run_state(backfilled["runs"][0]["flow_run_id"], Cancelled(message="Runner is shutting down."))
+    assert client.read_flow_run(backfilled["runs"][0]["flow_run_id"]).state.is_cancelled()
+    again = json.loads(run_command("featuresum", *command, "--json", env=server.client_env, cwd=work).stdout)
+    assert [run["state"] for run in again["runs"]] == ["Skipped", "Skipped"]
 
     # Every date once more; repeated (after an interruption, say), that finds its runs instead of adding more.
     every = [*command, "--reprocess", "all", "--json"]

@@ -154,6 +154,7 @@ def on_deployment(
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.deployments import run_deployment
 
+    from featuresum.flows.steps import run_name
     from featuresum.tasks.storage import spec_key
 
     with get_client(sync_client=True) as client:
@@ -183,6 +184,7 @@ def on_deployment(
         key = f"featuresum-backfill/{deployment.id}/{spec_key(deployment.parameters)[:16]}/{day}/{attempt}"
         run = run_deployment(
             name, parameters={"run_date": day.isoformat()}, idempotency_key=key, poll_interval=1, as_subflow=False,
+            flow_run_name=run_name("pipeline", day, deployment.parameters.get("seed", 0)),
             tags=["catch-up" if scheduled else "backfill"],
             timeout=0 if scheduled else None, scheduled_time=scheduled.get(day) if scheduled else None,
         )  # fmt: skip

@@ -4,6 +4,7 @@ The gate, `featuresum models promote` and `models rollback` each move the champi
 registry, which is plain code; this is where the move is told to Prefect.
 """
 
+import logging
 from typing import Any
 
 from featuresum.flows.automations import PROMOTED_EVENT, ROLLED_BACK_EVENT
@@ -83,7 +84,13 @@ def announce_by_hand(
         url = status["api_url"]
     if url is None or local_server.api_health(url) != "ok":
         return None
+    # The worker warns "Still processing items" while it drains the one event: that is the sending itself.
+    drain_warnings = logging.getLogger(EventsWorker.__name__)
     with temporary_settings({PREFECT_API_URL: url}):
         sent = announce(registry, artifacts_dir, change, rolled_back=rolled_back)
-        EventsWorker.drain_all(timeout=10.0)
+        level, drain_warnings.level = drain_warnings.level, logging.ERROR
+        try:
+            EventsWorker.drain_all(timeout=10.0)
+        finally:
+            drain_warnings.setLevel(level)
     return url if sent else None

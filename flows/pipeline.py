@@ -27,7 +27,11 @@ def _run_name(kind: str) -> Callable[[], str]:
 
     def name() -> str:
         parameters = flow_run.parameters
-        return f"{kind}-{steps.run_day(parameters.get('run_date'))}-seed{parameters.get('seed', 0)}"
+        try:
+            day = steps.run_day(parameters.get("run_date"))
+        except InputError:  # the flow itself fails with the message; its name keeps what it was given
+            day = parameters.get("run_date")
+        return steps.run_name(kind, day, parameters.get("seed", 0))
 
     return name
 

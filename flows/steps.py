@@ -18,7 +18,7 @@ from prefect.tasks import Task
 
 from featuresum.flows.options import PipelineOptions
 from featuresum.tasks import monitoring, storage
-from featuresum.tasks.errors import EnvironmentFailure
+from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.prefect_tasks import (
     generate_dataset,
     monitor_batch,
@@ -123,13 +123,21 @@ class Window:
         return {"from": self.dates()[0].isoformat(), "to": self.day.isoformat(), "days": self.days}
 
 
+def run_name(kind: str, day: object, seed: int) -> str:
+    """A flow run's name, with its date, for the UI's list of runs: pipeline-2026-06-01-seed0."""
+    return f"{kind}-{day}-seed{seed}"
+
+
 def run_day(run_date: str | None) -> date:
     """The date a run processes: the one given, else the day (UTC) of the run's scheduled start.
 
     A scheduled run that starts late or is retried still processes the date it was scheduled for.
     """
     if run_date:
-        return date.fromisoformat(run_date)
+        try:
+            return date.fromisoformat(run_date)
+        except ValueError:
+            raise InputError(f"run_date {run_date!r} is not a date: give it as YYYY-MM-DD") from None
     return flow_run.scheduled_start_time.astimezone(UTC).date()
 
 

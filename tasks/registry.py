@@ -128,7 +128,14 @@ def _alias_target(conn: sqlite3.Connection, name: str) -> int | None:
 
 
 def _move_alias(
-    conn: sqlite3.Connection, name: str, version: int, previous: int | None, reason: str, flow_run_id: str | None
+    conn: sqlite3.Connection,
+    name: str,
+    version: int,
+    previous: int | None,
+    reason: str,
+    flow_run_id: str | None,
+    *,
+    rollback: bool = False,
 ) -> AliasChange:
     change = AliasChange(name, version, previous, reason, flow_run_id, _now())
     conn.execute(
@@ -136,21 +143,25 @@ def _move_alias(
         (name, version),
     )
     conn.execute(
-        "INSERT INTO alias_history (alias, version, previous, reason, flow_run_id, changed) VALUES (?, ?, ?, ?, ?, ?)",
-        (change.alias, change.version, change.previous, change.reason, change.flow_run_id, change.changed),
+        "INSERT INTO alias_history (alias, version, previous, reason, flow_run_id, changed, rollback)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (change.alias, change.version, change.previous, change.reason, change.flow_run_id, change.changed, rollback),
     )
     return change
 
 
-def _lineage(moves: Iterable[sqlite3.Row | dict]) -> list[int]:
-    """The versions an alias stood at, oldest first, with every move back (a rollback) taken out.
+def _lineage(conn: sqlite3.Connection, name: str) -> list[int]:
+    """The versions an alias stood at, oldest first, with every rollback taken out.
 
-    A move from the latest version of the lineage to the one before it undoes the move that brought
-    the latest; any other move adds a version.
+    A rollback undoes the move that brought the latest version of the lineage; any other move adds a
+    version, even one back to the version before (a promotion by hand, say). A move recorded before
+    rollbacks were marked counts as one when it goes from the latest version to the one before it.
     """
     lineage: list[int] = []
-    for move in moves:
-        if len(lineage) >= 2 and (move["version"], move["previous"]) == (lineage[-2], lineage[-1]):
+    for move in conn.execute("SELECT * FROM alias_history WHERE alias = ? ORDER BY id", (name,)):
+        marked = move["rollback"] if "rollback" in move.keys() else None
+        guessed = len(lineage) >= 2 and (move["version"], move["previous"]) == (lineage[-2], lineage[-1])
+        if (marked is None and guessed) or (marked and len(lineage) >= 2):
             lineage.pop()
         else:
             lineage.append(move["version"])
@@ -166,13 +177,23 @@ def changed_weights(model: str, version: int) -> str:
 
 
 def pruned_checkpoint(model: str, version: Version) -> str:
-    """The message for scoring with a version whose checkpoint retention deleted."""
+    """The message for using (scoring with, exporting) a version whose checkpoint retention deleted."""
     rerun = f"`featuresum run --date {version.run_date}`" if version.run_date else "its run again"
     return (
         f"{model}: model version {version.version} was pruned by `featuresum gc` on {version.pruned[:10]} (its"
-        f" checkpoint is deleted): score with `champion` or another version (`featuresum models list`), or"
+        f" checkpoint is deleted): use `champion` or another version (`featuresum models list`), or"
         f" train it again with {rerun}"
     )
+
+
+def _refuse_pruned(version: Version, what: str) -> None:
+    """InputError when retention deleted the version's checkpoint: an alias must point at weights that exist."""
+    if version.pruned:
+        rerun = f"`featuresum run --date {version.run_date}`" if version.run_date else "its run again"
+        raise InputError(
+            f"cannot {what} model version {version.version}: `featuresum gc` pruned it on {version.pruned[:10]}"
+            f" (its checkpoint is deleted); train it again with {rerun}, or choose another version"
+        )
 
 
 def refuse_managed_output(
@@ -340,8 +361,10 @@ class Registry:
             raise InputError(f"no model version {version} in {self._path}")
 
         def move(conn: sqlite3.Connection) -> AliasChange | None:
-            if self._select_version(conn, "version", version) is None:
+            found = self._select_version(conn, "version", version)
+            if found is None:
                 raise InputError(f"no model version {version} in {self._path}")
+            _refuse_pruned(found, f"point '{name}' at")
             current = _alias_target(conn, name)
             if (expected is not ANY and current != expected) or current == version:
                 return None
@@ -359,7 +382,8 @@ class Registry:
 
     def lineage(self, name: str = "champion") -> list[int]:
         """The versions an alias stood at, oldest first, rollbacks taken out: a rollback goes to the one before last."""
-        return _lineage({"version": c.version, "previous": c.previous} for c in self.history(name))
+        with self._file.read() as conn:
+            return [] if conn is None else _lineage(conn, name)
 
     def rollback(
         self, reason: str = "rolled back", *, flow_run_id: str | None = None, name: str = "champion"
@@ -367,18 +391,19 @@ class Registry:
         """Point an alias back one step along its lineage, and record that move.
 
         The lineage is the alias history with every rollback taken out, so each rollback goes one
-        version further back (a second one does not undo the first).
+        version further back (a second one does not undo the first). A version whose checkpoint
+        retention deleted is refused: the alias would point at weights that are gone.
         """
         nothing_earlier = InputError(f"{self._path}: '{name}' has no earlier {name} to roll back to")
         if not storage.exists(self._path):
             raise nothing_earlier
 
         def back(conn: sqlite3.Connection) -> AliasChange:
-            rows = conn.execute("SELECT version, previous FROM alias_history WHERE alias = ? ORDER BY id", (name,))
-            lineage = _lineage(rows)
+            lineage = _lineage(conn, name)
             if len(lineage) < 2:
                 raise nothing_earlier
-            return _move_alias(conn, name, lineage[-2], lineage[-1], reason, flow_run_id)
+            _refuse_pruned(self._select_version(conn, "version", lineage[-2]), f"roll '{name}' back to")
+            return _move_alias(conn, name, lineage[-2], lineage[-1], reason, flow_run_id, rollback=True)
 
         return self._file.write(back)
 

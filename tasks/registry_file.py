@@ -47,12 +47,13 @@ CREATE TABLE IF NOT EXISTS alias_history (
     previous INTEGER REFERENCES versions (version),
     reason TEXT NOT NULL,
     flow_run_id TEXT,
-    changed TEXT NOT NULL
+    changed TEXT NOT NULL,
+    rollback INTEGER
 );
 """
 # Columns added since schema 1, nullable: a file written before them gets them on its next write (an ALTER),
 # and reads of a file without them see NULL, so older featuresum and older files keep working together.
-ADDED_COLUMNS = {"versions": {"pruned": "TEXT"}}
+ADDED_COLUMNS = {"versions": {"pruned": "TEXT"}, "alias_history": {"rollback": "INTEGER"}}
 # SQLite's answers for a file that is not a database, or one whose pages are damaged.
 UNREADABLE_ERRORS = {sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT}
 

@@ -125,7 +125,7 @@ def plan(data_dir: storage.Location, artifacts_dir: storage.Location, keep_days:
     result.deleted += [(loc, size) for name, loc, size in _files(data_dir) if _old_partition(name, data_from)]
     artifacts = _files(artifacts_dir)
     _plan_checkpoints(result, artifacts_dir, artifacts, versions, kept_versions)
-    _plan_predictions(result, artifacts_dir, artifacts, history, cutoff)
+    _plan_predictions(result, artifacts, history, cutoff)
     return result
 
 
@@ -151,16 +151,18 @@ def _plan_checkpoints(
     result.pruned.sort()
 
 
-def _plan_predictions(
-    result: Plan, artifacts_dir: storage.Location, artifacts: list, history: list[dict[str, Any]], cutoff: date
-) -> None:
-    """Predictions go (with their shard folder) when every batch the history records in them is older."""
+def _plan_predictions(result: Plan, artifacts: list, history: list[dict[str, Any]], cutoff: date) -> None:
+    """Predictions go (with their shard folder) when every batch the history records in them is older.
+
+    They are matched by name (the history records where they were written, and the folder may have
+    moved since); the name holds the key of what they are.
+    """
     dates: dict[str, list[date | None]] = {}
     for row in history:
-        dates.setdefault(str(row["predictions"]), []).append(_day(row["run_date"]))
+        dates.setdefault(storage.name_of(str(row["predictions"])), []).append(_day(row["run_date"]))
     for name, location, size in artifacts:
         if found := PREDICTIONS.fullmatch(name):
-            recorded = dates.get(str(storage.join(artifacts_dir, found["owner"] or found["parts"])))
+            recorded = dates.get(found["owner"] or found["parts"])
             if recorded and all(day is not None and day < cutoff for day in recorded):
                 result.deleted.append((location, size))
 

@@ -23,6 +23,9 @@ for name in [name for name in os.environ if name.startswith("PREFECT_")]:
 SUITE_HOME = Path(tempfile.mkdtemp(prefix="featuresum-tests-"))
 atexit.register(shutil.rmtree, SUITE_HOME, ignore_errors=True)  # in every process that imports this file
 os.environ["PREFECT_HOME"] = str(SUITE_HOME / "prefect-home")
+# torch on one thread in the tests and every command they start: four workers on a machine of two
+# cores would otherwise run several threads per core, and spend a quarter of the suite's time on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402

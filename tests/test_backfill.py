@@ -106,7 +106,9 @@ def test_a_backfill_killed_mid_date_reruns_that_date_when_repeated(cli, tmp_path
 
     from test_killed_runs import wait_for
 
-    command = ["backfill", "--from", DATES[0], "--to", DATES[1], *TINY, *folders(tmp_path, "artifacts")]
+    # Enough rows and epochs that the first date is still training a while after its first epoch.
+    sizes = ["--train-samples", "20000", "--holdout-samples", "800", "--score-samples", "300", "--epochs", "3"]
+    command = ["backfill", "--from", DATES[0], "--to", DATES[1], *sizes, *folders(tmp_path, "artifacts")]
     process = subprocess.Popen([cli.executable, *command], env=cli.env, cwd=tmp_path, stderr=subprocess.PIPE)
     # Killed once the first date's model is training, with no word to the API: its run stays Running there.
     wait_for(lambda: list((tmp_path / "artifacts").glob("model-*.partial.pt")), process)

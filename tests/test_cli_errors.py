@@ -240,3 +240,13 @@ def test_a_local_server_that_fails_to_start_is_one_line_and_exit_code_1(tmp_path
     line = last_line(result)
     assert line.startswith("featuresum: error: the local Prefect server"), line
     assert str(tmp_path / "home" / "featuresum-server.log") in line
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [(["--notify", "notaurl"], "'notaurl' is not an http(s) URL"), (["--cron", "61 * * * *"], "--cron/--timezone")],
+)
+def test_serve_refuses_a_bad_notify_url_or_cron_before_it_starts_anything(capsys, tmp_path, options, fragment):
+    code, _, lines = featuresum(capsys, "serve", *options, "--artifacts-dir", str(tmp_path / "a"))
+    one_error_line(code, lines, 2, fragment)
+    assert not (tmp_path / "a").exists()

@@ -12,10 +12,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import date, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
+import pytest
 
 from featuresum.flows import local_server, processes, server_log
 
@@ -245,3 +247,40 @@ def test_a_process_that_exited_counts_as_gone_before_its_parent_collects_it():
         assert processes.process_group_members(child.pid) == []
     finally:
         child.wait()
+
+
+@pytest.mark.server
+def test_the_vacuum_deletes_a_flow_run_that_ended_before_the_retention_period(tmp_path, monkeypatch):
+    """Prefect's records stay bounded: featuresum's local server deletes a run that ended 91 days ago."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Completed
+
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS", "1")  # not once an hour
+    home = tmp_path / "home"
+    try:
+        url = local_server.ensure_local_server(home)
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            old, recent = (client.create_flow_run(flow(name="vacuumed")(lambda: None), state=Completed()) for _ in "ab")
+            with sqlite3.connect(home / "prefect.db") as db:  # as if it had ended 91 days ago
+                ended = db.execute("SELECT end_time FROM flow_run WHERE id = ?", (str(old.id),)).fetchone()[0]
+                assert ended, "the run has an end time"
+                earlier = (date.fromisoformat(ended[:10]) - timedelta(days=91)).isoformat() + ended[10:]
+                db.execute("UPDATE flow_run SET end_time = ? WHERE id = ?", (earlier, str(old.id)))
+
+            def vacuumed() -> bool:
+                try:
+                    client.read_flow_run(old.id)
+                except ObjectNotFound:
+                    return True
+                time.sleep(0.5)
+                return False
+
+            deadline = time.monotonic() + 60
+            while not vacuumed():
+                assert time.monotonic() < deadline, "the vacuum never deleted the old run"
+            assert client.read_flow_run(recent.id).state.is_completed()
+    finally:
+        local_server.stop_local_server(home)

@@ -4,6 +4,7 @@ One SQLite-backed server for the module. Every client sends flow-run heartbeats 
 least Prefect takes), so a run whose process is killed is marked Crashed within about 75 s.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -77,8 +78,8 @@ def test_catch_up_runs_missed_dates_oldest_first_and_reruns_a_killed_one(server,
     options = [*CRON, *SIZES, *FOLDERS, "--catch-up", "3"]
 
     with serve_command(server, tmp_path, "caught-up", *options) as (process, deployment):
-        created = [f"catch-up {day}: no completed run, created run" for day in days]
-        assert [line[: len(created[0])] for line in catch_up_lines(tmp_path / "serve.log")] == created
+        created = [f"catch-up {day}: no completed run, created run pipeline-{day}-seed0" for day in days]
+        assert catch_up_lines(tmp_path / "serve.log") == created
         runs = [run for run in runs_of(client, deployment.id) if "catch-up" in run.tags]
         assert [run.parameters["run_date"] for run in runs] == days
         assert [run.expected_start_time for run in runs] == list(due.values())
@@ -89,9 +90,11 @@ def test_catch_up_runs_missed_dates_oldest_first_and_reruns_a_killed_one(server,
             return next((run for run in found if run.state.is_running() and run.infrastructure_pid), None)
 
         killed = wait_until(running, RUN_TIMEOUT, "a catch-up run to start", interval=0.2)
-        os.kill(int(killed.infrastructure_pid.rpartition(":")[2]), signal.SIGKILL)  # host:pid
+        # serve first, so that it cannot report its run's death: only the missing heartbeats tell.
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # in serve's process group it is gone already
+            os.kill(int(killed.infrastructure_pid.rpartition(":")[2]), signal.SIGKILL)  # host:pid
 
     killed = final(client, killed.id, CRASH_TIMEOUT)
     assert killed.state.name == "Crashed" and "no heartbeat for 75 s" in killed.state.message
@@ -152,6 +155,7 @@ def receiver() -> Iterator[tuple[str, list[dict]]]:
         http.shutdown()
 
 
+PROMOTED = "featuresum.model.promoted"
 FIELDS = {"event", "deployment", "flow_run_id", "flow_run_name", "run_date", "state", "message", "model_version", "ui"}
 
 
@@ -196,6 +200,8 @@ def test_notify_posts_a_failed_run_a_drift_alert_and_a_promotion_once_each(serve
         ended = by_event[f"prefect.flow-run.{bad.state.name}"]
         assert (ended["flow_run_id"], ended["flow_run_name"], ended["state"]) == (str(bad.id), bad.name, bad.state.name)
         assert ended["run_date"] == "2026-13-45" and ended["ui"].endswith(f"/runs/flow-run/{bad.id}")
+        assert bad.state.name == "Failed" and "run_date '2026-13-45' is not a date" in ended["message"], ended
+        assert bad.name == "pipeline-2026-13-45-seed0"
 
         names = {automation.name for automation in client.read_automations()}
         assert {n for n in names if n.endswith("(featuresum-pipeline/notified)")} and len(names) >= 4
@@ -246,6 +252,7 @@ def test_promote_and_rollback_by_hand_send_their_events(server, tmp_path):
     def models(*args: str, env: dict) -> list[str]:
         result = run_command("featuresum", "models", *args, "--artifacts-dir", str(artifacts), env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
+        assert "Still processing" not in result.stderr, result.stderr  # Prefect's drain chatter stays out
         return result.stderr.splitlines()
 
     assert (
@@ -264,10 +271,18 @@ def test_promote_and_rollback_by_hand_send_their_events(server, tmp_path):
     assert (rolled_back["payload"]["old_version"], rolled_back["payload"]["new_version"]) == (2, 1)
     assert rolled_back["payload"]["reason"] == "rolled back by hand"
 
+    # --json says where the event went.
+    promoted = run_command(
+        "featuresum", "models", "promote", "2", "--json", "--artifacts-dir", str(artifacts), env=server.client_env,
+        cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads(promoted.stdout)
+    assert (report["version"], report["event"], report["event_sent_to"]) == (2, PROMOTED, server.api_url)
+
     # With no server configured and none of featuresum's running, the move is made and said to be unsent.
     alone = {k: v for k, v in server.client_env.items() if k != "PREFECT_API_URL"}
     alone["PREFECT_HOME"] = str(tmp_path / "no-server-home")
     assert re.fullmatch(
-        r"no Prefect server is up: no featuresum\.model\.promoted event sent", models("promote", "2", env=alone)[-1]
+        r"no Prefect server is up: no featuresum\.model\.promoted event sent", models("promote", "1", env=alone)[-1]
     )
-    assert Registry(artifacts).alias().version == 2
+    assert Registry(artifacts).alias().version == 1

@@ -348,3 +348,40 @@ def test_each_rollback_goes_one_version_further_back(tmp_path):
     registry.set_alias(3, "version 3 again")
     assert registry.rollback().version == 1
     assert [change.version for change in registry.history()] == [1, 2, 3, 2, 1, 3, 1]
+
+
+def test_a_promotion_back_to_an_earlier_version_is_a_step_of_its_own_not_a_rollback(tmp_path):
+    registry = Registry(tmp_path)
+    for number in (1, 2):
+        register(registry, number)
+    for number in (1, 2, 1):
+        registry.set_alias(number, f"promoted {number} by hand")
+    assert registry.lineage() == [1, 2, 1]
+    assert registry.rollback().version == 2
+    assert registry.lineage() == [1, 2]
+
+
+def test_an_alias_never_moves_onto_a_pruned_version(tmp_path):
+    registry = Registry(tmp_path)
+    for number in (1, 2, 3):
+        register(registry, number, run_date=f"2026-06-0{number}")
+        registry.set_alias(number, f"version {number}")
+    registry.mark_pruned([2])
+    with pytest.raises(InputError, match=r"cannot roll 'champion' back to model version 2: `featuresum gc` pruned"):
+        registry.rollback()
+    with pytest.raises(InputError, match=r"point 'champion' at model version 2.*featuresum run --date 2026-06-02"):
+        registry.set_alias(2, "by hand")
+    assert registry.alias().version == 3 and len(registry.history()) == 3
+
+
+def test_a_registry_from_before_rollbacks_were_marked_keeps_its_lineage(tmp_path):
+    registry = Registry(tmp_path)
+    for number in (1, 2, 3):
+        register(registry, number)
+        registry.set_alias(number, f"version {number}")
+    registry.rollback()
+    with sqlite3.connect(tmp_path / REGISTRY_FILE) as conn:
+        conn.execute("ALTER TABLE alias_history DROP COLUMN rollback")
+    assert registry.lineage() == [1, 2]  # the move 3 -> 2 read as the rollback it was
+    assert registry.rollback().version == 1
+    assert Registry(tmp_path).lineage() == [1]

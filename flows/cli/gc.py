@@ -33,6 +33,8 @@ def _check_folder(location: str) -> None:
 
     if storage.is_remote(location):
         s3.check_bucket(location)
+    elif storage.Path(location).exists() and not storage.Path(location).is_dir():
+        raise InputError(f"{location}: not a folder")
     elif not storage.Path(location).is_dir():
         raise InputError(f"{location}: no such folder")
 

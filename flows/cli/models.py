@@ -70,27 +70,24 @@ def show(reference: Reference, artifacts_dir: ArtifactsDir = "artifacts", json_o
     print(json.dumps(details) if json_output else json.dumps(details, indent=2))
 
 
-def _print_change(change: Any, json_output: bool, unchanged: str) -> None:
-    """A move of the champion as one line (or its JSON); `unchanged` when nothing moved."""
-    if json_output:
-        print(json.dumps(change.as_dict() if change else None))
-    elif change is None:
-        print(unchanged)
-    else:
-        print(f"champion: version {change.previous} -> {change.version} ({change.reason})")
+def _report_change(registry: Any, artifacts_dir: str, change: Any, json_output: bool, rolled_back: bool) -> None:
+    """Tell Prefect of a move by hand, then print it as one line (or its JSON, with where the event went).
 
-
-def _announce(registry: Any, artifacts_dir: str, change: Any, rolled_back: bool) -> None:
-    """Tell Prefect of a move by hand (on stderr: where the event went, or that none was sent)."""
+    On stderr: where the event went, or that none was sent (no server up). Nothing moved: nothing sent.
+    """
     from featuresum.flows.champion_events import PROMOTED_EVENT, ROLLED_BACK_EVENT, announce_by_hand
 
-    if change is None:
-        return
     event = ROLLED_BACK_EVENT if rolled_back else PROMOTED_EVENT
-    if url := announce_by_hand(registry, artifacts_dir, change, rolled_back=rolled_back):
-        print(f"event {event} sent to {url}", file=sys.stderr)
+    url = change and announce_by_hand(registry, artifacts_dir, change, rolled_back=rolled_back)
+    if json_output:
+        print(json.dumps(change and {**change.as_dict(), "event": event, "event_sent_to": url}))
+    elif change is None:
+        print(f"version {registry.alias().version} is already the champion")
     else:
-        print(f"no Prefect server is up: no {event} event sent", file=sys.stderr)
+        print(f"champion: version {change.previous} -> {change.version} ({change.reason})")
+    if change is not None:
+        told = f"event {event} sent to {url}" if url else f"no Prefect server is up: no {event} event sent"
+        print(told, file=sys.stderr)
 
 
 @models_app.command()
@@ -102,9 +99,7 @@ def promote(
 ) -> None:
     """Make a version the champion, whatever its accuracy; the change is kept in the history."""
     registry = _registry(artifacts_dir)
-    change = registry.set_alias(version, reason)
-    _print_change(change, json_output, f"version {version} is already the champion")
-    _announce(registry, artifacts_dir, change, rolled_back=False)
+    _report_change(registry, artifacts_dir, registry.set_alias(version, reason), json_output, rolled_back=False)
 
 
 @models_app.command()
@@ -115,9 +110,7 @@ def rollback(
 ) -> None:
     """Walk the champion one step back along its history: each rollback goes one version further back."""
     registry = _registry(artifacts_dir)
-    change = registry.rollback(reason)
-    _print_change(change, json_output, "")
-    _announce(registry, artifacts_dir, change, rolled_back=True)
+    _report_change(registry, artifacts_dir, registry.rollback(reason), json_output, rolled_back=True)
 
 
 @models_app.command("import")
@@ -174,10 +167,13 @@ def export(
     artifacts_dir: ArtifactsDir = "artifacts",
 ) -> None:
     """Write a version's weights as a plain state_dict, which the original script's SimpleNN loads."""
+    from featuresum.tasks.errors import InputError
     from featuresum.tasks.portable import export_state_dict
-    from featuresum.tasks.registry import refuse_managed_output
+    from featuresum.tasks.registry import pruned_checkpoint, refuse_managed_output
 
     refuse_managed_output(output, artifacts_dir, checkpoints=False)  # a state_dict may be called model.pt
     version = _registry(artifacts_dir).resolve(reference)
+    if version.pruned:
+        raise InputError(pruned_checkpoint(reference, version))
     export_state_dict(version.checkpoint, output, version.fingerprint)
     print(f"version {version.version} written to {output}: SimpleNN().load_state_dict(torch.load(path)) loads it")

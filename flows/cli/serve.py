@@ -1,6 +1,7 @@
 """`featuresum serve`: the pipeline as a deployment that retrains on a cron schedule, executed here."""
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -53,6 +54,11 @@ def serve(
     from featuresum.flows.serve import cron_schedule, serve_pipeline
 
     when = cron_schedule(cron, timezone)
+    for url in notify or ():
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise typer.BadParameter(
+                f"{url!r} is not an http(s) URL, e.g. https://hooks.example.com/x", param_hint="--notify"
+            )
     # The folders are absolute: runs execute in subprocesses and may be triggered from anywhere.
     prepare_folders(options.data_dir, options.artifacts_dir)
     serve_pipeline(

@@ -56,11 +56,18 @@ def _usable(champion: Version) -> dict[str, str]:
 
 
 def _decide(
-    challenger: Version, accuracy: float, champion: Version | None, window: Window, gain: float, measure: Callable
+    challenger: Version,
+    accuracy: float,
+    champion: Version | None,
+    window: Window,
+    gain: float,
+    measure: Callable,
+    rolled_back: set[int] = frozenset(),
 ) -> tuple[bool, str, float | None]:
     """(promote?, why, the champion's held-out accuracy) for a challenger against the champion now.
 
-    `measure` gives a checkpoint's accuracy on the challenger's held-out rows.
+    `measure` gives a checkpoint's accuracy on the challenger's held-out rows. A version someone
+    rolled the champion back from (`rolled_back`) is never promoted again by a run, only by hand.
     """
     if champion is None:
         return True, "first model: there was no champion", None
@@ -72,7 +79,13 @@ def _decide(
         f"held-out accuracy {accuracy:.4f} {'>=' if promoted else '<'} champion's {champion_accuracy:.4f}"
         f" + min improvement {gain:g}"
     )
-    if (champion.run_date or "") > window.day.isoformat():
+    if challenger.version in rolled_back:
+        promoted = False
+        reason += (
+            f"; kept out: the champion was rolled back from version {challenger.version}; only"
+            f" `featuresum models promote {challenger.version}` makes it the champion again"
+        )
+    elif (champion.run_date or "") > window.day.isoformat():
         promoted = False
         reason += (
             f"; kept out: the champion (version {champion.version}) was trained for {champion.run_date},"
@@ -108,7 +121,9 @@ def gate(
 
     while True:
         champion = registry.alias()
-        promoted, reason, champion_accuracy = _decide(challenger, accuracy, champion, window, min_improvement, measure)
+        promoted, reason, champion_accuracy = _decide(
+            challenger, accuracy, champion, window, min_improvement, measure, registry.rolled_back()
+        )
         expected = champion.version if champion else None
         if not promoted:
             break

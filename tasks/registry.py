@@ -59,6 +59,7 @@ class AliasChange:
     reason: str
     flow_run_id: str | None
     changed: str
+    rollback: bool = False  # a move back along the lineage (`models rollback`), not a promotion
 
     def as_dict(self) -> dict:
         """Every field, ready for JSON."""
@@ -78,6 +79,7 @@ def _change(row: sqlite3.Row) -> AliasChange:
         reason=row["reason"],
         flow_run_id=row["flow_run_id"],
         changed=row["changed"],
+        rollback=bool(row["rollback"]) if "rollback" in row.keys() else False,
     )
 
 
@@ -137,7 +139,7 @@ def _move_alias(
     *,
     rollback: bool = False,
 ) -> AliasChange:
-    change = AliasChange(name, version, previous, reason, flow_run_id, _now())
+    change = AliasChange(name, version, previous, reason, flow_run_id, _now(), rollback)
     conn.execute(
         "INSERT INTO aliases (name, version) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET version = excluded.version",
         (name, version),
@@ -178,21 +180,19 @@ def changed_weights(model: str, version: int) -> str:
 
 def pruned_checkpoint(model: str, version: Version) -> str:
     """The message for using (scoring with, exporting) a version whose checkpoint retention deleted."""
-    rerun = f"`featuresum run --date {version.run_date}`" if version.run_date else "its run again"
     return (
         f"{model}: model version {version.version} was pruned by `featuresum gc` on {version.pruned[:10]} (its"
-        f" checkpoint is deleted): use `champion` or another version (`featuresum models list`), or"
-        f" train it again with {rerun}"
+        " checkpoint is deleted): use `champion` or another version that is kept (`featuresum models list`)"
     )
 
 
 def _refuse_pruned(version: Version, what: str) -> None:
     """InputError when retention deleted the version's checkpoint: an alias must point at weights that exist."""
     if version.pruned:
-        rerun = f"`featuresum run --date {version.run_date}`" if version.run_date else "its run again"
         raise InputError(
             f"cannot {what} model version {version.version}: `featuresum gc` pruned it on {version.pruned[:10]}"
-            f" (its checkpoint is deleted); train it again with {rerun}, or choose another version"
+            " (its checkpoint is deleted); promote a version that is kept instead (`featuresum models list`,"
+            " then `featuresum models promote N`)"
         )
 
 
@@ -384,6 +384,16 @@ class Registry:
         """The versions an alias stood at, oldest first, rollbacks taken out: a rollback goes to the one before last."""
         with self._file.read() as conn:
             return [] if conn is None else _lineage(conn, name)
+
+    def rolled_back(self, name: str = "champion") -> set[int]:
+        """The versions the alias was rolled back from and not promoted to again since."""
+        found: set[int] = set()
+        for change in self.history(name):
+            if change.rollback:
+                found.add(change.previous)
+            else:
+                found.discard(change.version)
+        return found
 
     def rollback(
         self, reason: str = "rolled back", *, flow_run_id: str | None = None, name: str = "champion"

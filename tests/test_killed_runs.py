@@ -26,7 +26,7 @@ def wait_for(predicate, process, timeout=300):
 
 def test_killed_training_resumes_from_its_last_epoch(cli, tmp_path):
     args = [
-        "train", "--train-samples", "40000", "--holdout-samples", "1000", "--epochs", "3", "--batch-size", "64",
+        "train", "--train-samples", "20000", "--holdout-samples", "1000", "--epochs", "3", "--batch-size", "64",
         "--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts"),
     ]  # fmt: skip
     command = [cli.executable, *args, "--json"]

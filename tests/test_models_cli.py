@@ -71,6 +71,9 @@ def test_rollback_walks_back_the_history_and_prints_json(models, registry):
     models("promote", "3")
     code, out, _ = models("rollback", "--json")
     assert code == 0 and (json.loads(out)["previous"], json.loads(out)["version"]) == (3, 2)
+    assert json.loads(out)["moved"] is True and json.loads(out)["rollback"] is True
+    code, out, _ = models("promote", "2", "--json")
+    assert code == 0 and json.loads(out) == {"moved": False, "version": 2, "event": None, "event_sent_to": None}
     code, out, _ = models("rollback")
     assert code == 0 and "2 -> 1" in out
     assert registry.alias().version == 1

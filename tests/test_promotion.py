@@ -113,6 +113,22 @@ def test_a_rerun_of_an_earlier_date_never_takes_the_champion_from_a_later_one(fi
     assert again["scored_with"] == later["checkpoint"]
 
 
+def test_a_rerun_never_puts_back_a_version_the_champion_was_rolled_back_from(first_run, tmp_path):
+    later = run_pipeline(tmp_path, run_date=LATER, min_improvement=-1.0)
+    registry = Registry(tmp_path / "artifacts")
+    assert registry.alias().version == later["model_version"] == 2
+    registry.rollback("rolled back by hand")  # as `featuresum models rollback` does
+
+    # The later date again, with a gate that any challenger passes: its version stays out.
+    again = run_pipeline(tmp_path, run_date=LATER, min_improvement=-1.0)
+    assert again["model_version"] == 2 and again["registry"]["promoted"] is False
+    assert "the champion was rolled back from version 2" in again["registry"]["reason"]
+    assert registry.alias().version == 1 and registry.rolled_back() == {2}
+    # Promoted by hand, it is a version like any other again.
+    registry.set_alias(2, "promoted by hand")
+    assert registry.rolled_back() == set()
+
+
 def test_a_moved_artifacts_folder_keeps_its_champion_and_gate(first_run, tmp_path):
     moved = tmp_path / "moved"
     moved.mkdir()

@@ -389,6 +389,7 @@ def test_a_backfill_on_the_served_deployment_runs_each_date_once(server, client,
     assert process.poll() is None
 
 
+@SQLITE_ONLY
 def test_a_drifted_batch_emits_the_event_and_the_trigger_retrains_for_its_date(server, client, served):
     """serve --retrain-on-drift: an alert on a batch scored with the deployment's models starts a retraining run."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterTags

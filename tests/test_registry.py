@@ -129,6 +129,7 @@ def test_set_alias_moves_the_alias_and_records_reason_previous_run_and_time(tmp_
         "reason": "more accurate",
         "flow_run_id": "run-b",
         "changed": second.changed,
+        "rollback": False,
     }
 
     staging = registry.set_alias(1, "try it", name="staging")

@@ -79,10 +79,10 @@ def _report_change(registry: Any, artifacts_dir: str, change: Any, json_output: 
 
     event = ROLLED_BACK_EVENT if rolled_back else PROMOTED_EVENT
     url = change and announce_by_hand(registry, artifacts_dir, change, rolled_back=rolled_back)
-    if json_output:
-        unchanged = {"moved": False, "version": registry.alias().version, "event": None, "event_sent_to": None}
-        moved = change and {"moved": True, **change.as_dict(), "event": event, "event_sent_to": url}
-        print(json.dumps(moved or unchanged))
+    if json_output and change is None:
+        print(json.dumps({"moved": False, "version": registry.alias().version, "event": None, "event_sent_to": None}))
+    elif json_output:
+        print(json.dumps({"moved": True, **change.as_dict(), "event": event, "event_sent_to": url}))
     elif change is None:
         print(f"version {registry.alias().version} is already the champion")
     else:

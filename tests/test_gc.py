@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 from datetime import date, timedelta
 
 import pytest
@@ -33,8 +34,13 @@ def task_run_names(flow_run_id: str) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter
 
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
+        # Task runs reach the API a moment after the flow returns: read until each has its state.
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+        while any(task_run.state is None for task_run in runs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
     return {task_run.name: task_run.state.name for task_run in runs}
 
 

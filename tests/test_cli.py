@@ -27,21 +27,27 @@ def test_run_prints_one_json_object_and_a_clean_log(cli, tmp_path):
     for bad in ("ERROR", "Traceback", "database is locked"):
         assert bad not in result.stderr
 
-    # Python lists every module it imports on stderr: a cached rerun must not load torch.
-    rerun = subprocess.run(
-        [cli.executable, *small_run_args(tmp_path), "--json"],
+    # A cached rerun must not load torch.
+    rerun, imported = run_listing_imports(cli, *small_run_args(tmp_path), "--json")
+    assert "prefect" in imported and "torch" not in imported
+    again = run_json(rerun)
+    # No shard runs: the predictions are intact; the monitoring step runs for every scored batch.
+    assert sorted(again["task_states"].values()) == ["Cached"] * 5 + ["Completed"]
+
+
+def run_listing_imports(cli, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `featuresum args`; also the modules it imported (Python lists each one on stderr)."""
+    result = subprocess.run(
+        [cli.executable, *args],
         cwd=cli.cwd,
         env={**cli.env, "PYTHONPROFILEIMPORTTIME": "1"},
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert rerun.returncode == 0, rerun.stderr
-    imported = {line.rsplit("|", 1)[-1].strip() for line in rerun.stderr.splitlines() if line.startswith("import time")}
-    assert "prefect" in imported and "torch" not in imported
-    again = run_json(rerun)
-    # No shard runs: the predictions are intact; the monitoring step runs for every scored batch.
-    assert sorted(again["task_states"].values()) == ["Cached"] * 5 + ["Completed"]
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    return result, {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")}
 
 
 def test_score_with_the_champion_or_a_version_number(cli, tmp_path):
@@ -52,6 +58,12 @@ def test_score_with_the_champion_or_a_version_number(cli, tmp_path):
         scored = run_json(cli("score", "--model", reference, "--samples", "50", "--seed", "4", *artifacts, "--json"))
         assert scored["checkpoint"] == trained["checkpoint"]
         assert scored["model_version"] == 1
+    # A cached score of a registered version loads no torch: its bytes were checked when trained.
+    rescored, imported = run_listing_imports(
+        cli, "score", "--model", "champion", "--samples", "50", "--seed", "4", *artifacts, "--json"
+    )
+    assert "prefect" in imported and "torch" not in imported
+    assert sorted(run_json(rescored)["task_states"].values()) == ["Cached"] * 3 + ["Completed"]
     missing = cli("score", "--model", "7", "--samples", "5", *artifacts, check=False)
     one_error_line(missing, "7")
 

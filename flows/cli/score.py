@@ -21,8 +21,11 @@ from featuresum.flows.options import PipelineOptions
 from featuresum.tasks.errors import EnvironmentFailure
 
 
-def _checked_model(model: str, options: PipelineOptions) -> str:
-    """The checkpoint to score with (a registered version resolved to its file), refused if it changed or was pruned."""
+def _checked_model(model: str, options: PipelineOptions) -> tuple[str, bool]:
+    """The checkpoint to score with (a registered version resolved to its file), refused if it changed or was pruned.
+
+    Also whether its bytes are a registered version's: those were checked when training wrote them.
+    """
     from featuresum.tasks import storage
     from featuresum.tasks.errors import InputError
     from featuresum.tasks.registry import Registry, changed_weights, pruned_checkpoint
@@ -35,9 +38,12 @@ def _checked_model(model: str, options: PipelineOptions) -> str:
         model = str(version.checkpoint)
     elif not storage.exists(model) and (kept := registry.at_checkpoint(storage.resolve(model))) and kept[-1].pruned:
         raise InputError(pruned_checkpoint(model, kept[-1]))
-    if storage.exists(model) and (changed := registry.changed_at(storage.resolve(model), storage.fingerprint(model))):
+    if not storage.exists(model):
+        return model, False
+    fingerprint = storage.fingerprint(model)
+    if changed := registry.changed_at(storage.resolve(model), fingerprint):
         raise EnvironmentFailure(changed_weights(model, changed.version))
-    return model
+    return model, any(v.fingerprint == fingerprint for v in registry.at_checkpoint(storage.resolve(model)))
 
 
 @app.command(
@@ -67,14 +73,13 @@ def score(
 ) -> None:
     from featuresum.flows.pipeline import score_flow
     from featuresum.tasks import storage
-    from featuresum.tasks.checkpoint import load_checkpoint
 
     if (input is None) == (samples is None):
         raise typer.BadParameter("give exactly one of --input PARQUET or --samples N")
     # Buckets of the inputs first, so a wrong bucket or credentials is said before a file is read;
     # the folders this run writes to are prepared below, once the options are known to be sound.
     prepare_folders(*{storage.parent(given) for given in (model, input) if given and storage.is_remote(given)})
-    model = _checked_model(model, options)
+    model, registered = _checked_model(model, options)
     for given in filter(None, (input, model)):
         if output is not None and storage.resolve(output) == storage.resolve(given):
             raise typer.BadParameter(
@@ -82,7 +87,11 @@ def score(
             )
     # The checkpoint and the input's schema are checked before any run starts, so a bad file costs
     # one clear line; the input's values are checked while it is scored (one read of a big file).
-    load_checkpoint(model)
+    # A registered version's bytes need no check, so a cached score never imports torch.
+    if not registered:
+        from featuresum.tasks.checkpoint import load_checkpoint
+
+        load_checkpoint(model)
     if input is not None:
         storage.open_features(storage.at(input))
     prepare_folders(options.data_dir, options.artifacts_dir, *([storage.parent(output)] if output else []))

@@ -25,12 +25,15 @@ from pathlib import Path
 
 from benchmarks.measure import HostLoad, cpu_model, source_state
 from benchmarks.report import table
+from featuresum.flows import local_server
 
+ROOT = Path(__file__).resolve().parents[1]
 FEATURESUM = str(Path(sys.executable).parent / "featuresum")
 START = date(2026, 1, 1)
 CHUNK = 30
 KEEP_DAYS = 30
 SIZES = ["--train-samples", "2000", "--holdout-samples", "500", "--score-samples", "300", "--epochs", "1"]
+SCORE = ("score", "--model", "champion", "--samples", "300")
 FLOW_LOG = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) \| \w+ +\| Flow run 'pipeline-(\d{4}-\d\d-\d\d)-\S*' - (Beg|Fin)")
 MB = 1e6
 
@@ -73,28 +76,37 @@ class Soak:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         self.env.update(PREFECT_HOME=str(self.home), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
 
-    def call(self, *args: str) -> tuple[float, subprocess.CompletedProcess]:
+    def call(self, *args: str, env: dict[str, str] | None = None) -> tuple[float, subprocess.CompletedProcess]:
         start = time.perf_counter()
-        done = subprocess.run(args, cwd=self.work, env=self.env, capture_output=True, text=True, timeout=7200)
+        done = subprocess.run(args, cwd=self.work, env=env or self.env, capture_output=True, text=True, timeout=7200)
         return time.perf_counter() - start, done
 
     def featuresum(self, *args: str) -> tuple[float, subprocess.CompletedProcess]:
         return self.call(FEATURESUM, *args)
 
-    def median_wall(self, *variants: tuple[str, ...]) -> tuple[float, list[float]]:
+    def median_wall(self, *variants: tuple[str, ...], env: dict[str, str] | None = None) -> tuple[float, list[float]]:
         """Median of one run of each variant (the same command, or one per new date); raises if any fails."""
         walls = []
         for args in variants:
-            wall, done = self.call(*args)
+            wall, done = self.call(*args, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
             walls.append(wall)
         return statistics.median(walls), walls
 
 
-def soak(cli: Soak, dates: int) -> tuple[list[dict], dict[str, float], str | None]:
-    """Backfill `dates` dates in chunks with gc after each; returns chunk rows, seconds per date, failure."""
-    chunks, per_date = [], {}
+def score_new_dates(cli: Soak, days: list[date]) -> tuple[float, list[float]]:
+    """Median wall time of `featuresum score --model champion` of a fresh 300-row batch, one per date."""
+    return cli.median_wall(*[(FEATURESUM, *SCORE, "--date", d.isoformat()) for d in days])
+
+
+def soak(cli: Soak, dates: int) -> tuple[list[dict], dict[str, float], str | None, tuple | None]:
+    """Backfill `dates` dates in chunks with gc after each.
+
+    Returns chunk rows, seconds per date, the failure, and the times of scoring with the champion after
+    the first chunk (batches dated before the year, so no later backfill or gc meets them).
+    """
+    chunks, per_date, early = [], {}, None
     for first in range(0, dates, CHUNK):
         d1, d2 = START + timedelta(days=first), START + timedelta(days=min(first + CHUNK, dates) - 1)
         command = ["backfill", "--from", d1.isoformat(), "--to", d2.isoformat(), *SIZES, "--json"]
@@ -104,11 +116,12 @@ def soak(cli: Soak, dates: int) -> tuple[list[dict], dict[str, float], str | Non
         per_date.update(seconds)
         states = [run["state"] for run in json.loads(done.stdout)["runs"]] if done.returncode == 0 else []
         if done.returncode != 0 or set(states) != {"Completed"}:
-            return chunks, per_date, f"`featuresum {' '.join(command)}` exited {done.returncode}: {done.stderr[-1500:]}"
+            failure = f"`featuresum {' '.join(command)}` exited {done.returncode}: {done.stderr[-1500:]}"
+            return chunks, per_date, failure, early
         before = tree_bytes(cli.work / "data") + tree_bytes(cli.work / "artifacts")
         gc_wall, gc = cli.featuresum("gc", "--keep-days", str(KEEP_DAYS), "--json")
         if gc.returncode != 0:
-            return chunks, per_date, f"`featuresum gc` after {d2} exited {gc.returncode}: {gc.stderr[-1500:]}"
+            return chunks, per_date, f"`featuresum gc` after {d2} exited {gc.returncode}: {gc.stderr[-1500:]}", early
         data, artifacts = tree_bytes(cli.work / "data"), tree_bytes(cli.work / "artifacts")
         chunks.append(
             {"dates": f"{d1:%m-%d}..{d2:%m-%d}", "n": (d2 - START).days + 1, "wall": wall, "gc": gc_wall,
@@ -117,7 +130,9 @@ def soak(cli: Soak, dates: int) -> tuple[list[dict], dict[str, float], str | Non
              "other": chunk_load.foreign_cores}
         )  # fmt: skip
         print(f"{d2}: {wall:.0f} s, {(data + artifacts) / MB:.1f} MB after gc", file=sys.stderr, flush=True)
-    return chunks, per_date, None
+        if early is None:
+            early = (chunks[-1]["n"], score_new_dates(cli, [START - timedelta(days=i) for i in (3, 2, 1)]))
+    return chunks, per_date, None, early
 
 
 def window_median(per_date: dict[str, float], last: int) -> float:
@@ -156,7 +171,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cli, started, load0 = Soak(work), time.time(), Path("/proc/loadavg").read_text().split()[:3]
     with HostLoad() as load:
-        chunks, per_date, failure = soak(cli, args.dates)
+        chunks, per_date, failure, early = soak(cli, args.dates)
         run_dates = chunks[-1]["n"] if chunks else 0
         art = work / "artifacts"
         ends = {"registry": file_bytes(art / "registry.sqlite"), "history": file_bytes(art / "monitoring.parquet"),
@@ -170,9 +185,23 @@ def main() -> None:
             "`featuresum monitor`": cli.median_wall(*[(FEATURESUM, "monitor")] * 3),
             "`featuresum monitor --last 365`": cli.median_wall(*[(FEATURESUM, "monitor", "--last", "365")] * 3),
         }
-        new = [(START + timedelta(days=run_dates + i)).isoformat() for i in range(3)]
-        score = [(FEATURESUM, "score", "--model", "champion", "--samples", "300", "--date", d) for d in new]
-        baselines["`featuresum score --model champion --samples 300 --date D` (3 new dates)"] = cli.median_wall(*score)
+        scored = "`featuresum score --model champion --samples 300 --date D`"
+        if early:
+            baselines[f"{scored} (3 new dates, at {early[0]} versions)"] = early[1]
+        new = [START + timedelta(days=run_dates + i) for i in range(3)]
+        baselines[f"{scored} (3 new dates)"] = score_new_dates(cli, new)
+        baselines[f"{scored} (the first new date again: cached)"] = score_new_dates(cli, new[:1] * 3)
+        # Prefect's own cost of a flow run of this shape against the same server: the first call fills its cache.
+        floor = (sys.executable, "-m", "benchmarks.prefect_floor")
+        floor_env = {
+            **cli.env,
+            "PREFECT_API_URL": local_server.server_status(cli.home)["api_url"],
+            "PYTHONPATH": str(ROOT),
+        }
+        cli.call(*floor, env=floor_env)
+        baselines["minimal Prefect flow (`python -m benchmarks.prefect_floor`, cached)"] = cli.median_wall(
+            *[floor] * 3, env=floor_env
+        )
         default = None if args.skip_default_date else one_default_date(cli)
         cli.featuresum("server", "stop")
     minutes, load1 = (time.time() - started) / 60, Path("/proc/loadavg").read_text().split()[:3]

@@ -45,11 +45,11 @@ def _child(rows: int, batch: int) -> None:
     x, y = shard.features.T.contiguous(), shard.label
     config = training.TrainConfig(epochs=1, batch_size=batch, schedule="constant")
     state = training.new_training_state(config, -(-rows // batch), torch.device("cpu"))
-    training.train_epoch(state, x[: batch * 8], y[: batch * 8], config)  # warm-up: allocations, thread pool
+    training.train_epoch(state, (x[: batch * 8], y[: batch * 8]), config)  # warm-up: allocations, thread pool
     if threads is not None:
         threads.adjust()
     start = time.perf_counter()
-    training.train_epoch(state, x, y, config, threads)
+    training.train_epoch(state, (x, y), config, threads)
     seconds = time.perf_counter() - start
     changes = len(threads.changes) if threads else 0
     print(json.dumps({"samples_per_s": rows / seconds, "threads": torch.get_num_threads(), "changes": changes}))

@@ -53,14 +53,14 @@ def measure(
     holdout_x, holdout_y = (t.to(target) for t in holdout)
     # Warm-up on a throwaway model: the first steps pay for kernel selection and allocator growth.
     warm = training.TrainConfig(epochs=1, batch_size=batch_size, seed=SEED)
-    training.train_epoch(training.new_training_state(warm, 2, target), x[: 2 * batch_size], y[: 2 * batch_size], warm)
+    training.train_epoch(training.new_training_state(warm, 2, target), (x[: 2 * batch_size], y[: 2 * batch_size]), warm)
     config = training.TrainConfig(epochs=epochs, batch_size=batch_size, seed=SEED)
     state = training.new_training_state(config, math.ceil(len(x) / batch_size), target)
     epoch_seconds = []
     for _ in range(epochs):
         _sync(target)
         start = time.perf_counter()
-        training.train_epoch(state, x, y, config)
+        training.train_epoch(state, (x, y), config)
         _sync(target)
         epoch_seconds.append(time.perf_counter() - start)
     held_out = training.accuracy(training.evaluate(state.model, holdout_x, holdout_y))

@@ -85,7 +85,7 @@ def training_throughput(sizes: Sizes, workdir: Path) -> Figure:
 
             def pipeline_epoch(config=config, steps=steps) -> float:
                 state = training.new_training_state(config, steps, CPU)
-                return timed(lambda: training.train_epoch(state, x, y, config))
+                return timed(lambda: training.train_epoch(state, (x, y), config))
 
             def pipeline_fit(config=config, steps=steps) -> float:
                 state = training.new_training_state(config, steps, CPU)
@@ -117,7 +117,7 @@ def training_throughput(sizes: Sizes, workdir: Path) -> Figure:
             # Warm-up: first calls pay for thread pools and allocator growth.
             warm = training.TrainConfig(epochs=1, batch_size=batch_size, seed=SEED)
             training.train_epoch(
-                training.new_training_state(warm, 4, CPU), x[: 4 * batch_size], y[: 4 * batch_size], warm
+                training.new_training_state(warm, 4, CPU), (x[: 4 * batch_size], y[: 4 * batch_size]), warm
             )
             model, optimizer, scheduler = bare.new_model(warm.lr, warm.weight_decay, warm.schedule, 4, SEED)
             bare.train_one_epoch(model, optimizer, scheduler, x[: 4 * batch_size], y[: 4 * batch_size], batch_size)

@@ -37,6 +37,18 @@ class PipelineOptions:
     weight_decay: float = _option(DEFAULT.weight_decay, "AdamW weight decay.", preset=True, min=0.0)
     schedule: Schedule = _option(DEFAULT.schedule, "Learning-rate schedule: onecycle, or constant.", preset=True)
     seed: int = _option(0, "Seed of every random draw; the same seed gives the same bytes.", min=0)
+    shuffle_rows: int = _option(
+        TrainConfig.shuffle_rows,
+        "Training shuffles its row groups, then the rows of each run of this many: the order is the same whether"
+        " the rows are held in memory or streamed from disk.",
+        min=1,
+    )
+    train_memory_mb: int | None = _option(
+        None,
+        "Megabytes training may hold for its rows: when they do not all fit, they are streamed from disk a shuffle"
+        " buffer at a time (the same model, more slowly). Unset: 80% of the memory available when training starts.",
+        min=1,
+    )
     window_days: int = _option(
         1, "Train on the partitions of this many days up to --date (--train-samples in all).", min=1
     )
@@ -109,7 +121,9 @@ class PipelineOptions:
 
     def train_config(self) -> TrainConfig:
         """The optimiser settings of the run."""
-        return TrainConfig(self.epochs, self.batch_size, self.lr, self.weight_decay, self.schedule, self.seed)
+        return TrainConfig(
+            self.epochs, self.batch_size, self.lr, self.weight_decay, self.schedule, self.seed, self.shuffle_rows
+        )
 
 
 def with_options(

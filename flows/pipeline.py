@@ -74,7 +74,10 @@ def _registered(summary: dict[str, Any], decision: dict[str, Any]) -> dict[str, 
 
 
 # The options of each flow (all of them for the pipeline), declared once in PipelineOptions.
-TRAINING = ("train_samples", "holdout_samples", "epochs", "batch_size", "lr", "weight_decay", "schedule", "seed")
+TRAINING = (
+    *("train_samples", "holdout_samples", "epochs", "batch_size", "lr", "weight_decay", "schedule", "seed"),
+    *("shuffle_rows", "train_memory_mb"),
+)
 RETRAINING = ("window_days", "drift", "init", "data_dir", "artifacts_dir", "device", "min_improvement", "refresh")
 SCORING = ("seed", "drift", "data_dir", "artifacts_dir", "device", "shard_rows", "drift_warn", "drift_alert", "refresh")
 

@@ -38,7 +38,7 @@ DEFAULT = Preset(
     train_samples=300_000,
     holdout_samples=20_000,
     score_samples=10_000,
-    **{name: value for name, value in asdict(TrainConfig()).items() if name != "seed"},
+    **{name: value for name, value in asdict(TrainConfig()).items() if name not in ("seed", "shuffle_rows")},
 )
 PRESETS: dict[str, Preset] = {
     "default": DEFAULT,

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import Task
 
 from featuresum.flows.options import PipelineOptions
-from featuresum.tasks import monitoring, storage
+from featuresum.tasks import memory, monitoring, storage
 from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.prefect_tasks import (
     generate_dataset,
@@ -205,6 +205,8 @@ def train(
     Returns (training data, held-out data, checkpoint). Each date holds an equal share of the
     training rows, so moving the window by a day generates one new partition and reuses the rest.
     """
+    # Rows that fit no way of training stop the run before any is generated.
+    memory.memory_plan(window.train_samples, window.holdout_samples, options.shuffle_rows, options.train_memory_mb)
     source = Source(options.seed, options.drift, options.data_dir)
     per_day = max(1, window.train_samples // window.days)
     partitions = [generate("train", per_day, day, source, run) for day in window.dates()]
@@ -222,7 +224,7 @@ def train(
     registry = Registry(artifacts_dir)
     _refuse_changed_version(path, registry)
     refresh = run.refresh and not _is_registered(path, registry)
-    model = run.call_cached(train_model, path, refresh, **parameters)
+    model = run.call_cached(train_model, path, refresh, **parameters, memory_mb=options.train_memory_mb)
     folder = storage.parent(storage.parent(partitions[-1]["path"]))
     dataset = {"path": str(folder), "rows": sum(part["rows"] for part in partitions)}
     return dataset, holdout, model

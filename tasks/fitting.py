@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from featuresum.tasks import cpu, monitoring, storage, training
+from featuresum.tasks import batches, cpu, memory, monitoring, storage, training
 from featuresum.tasks.checkpoint import load_checkpoint, save_checkpoint
 from featuresum.tasks.errors import InputError
 from featuresum.tasks.settings import TrainConfig
@@ -19,7 +19,7 @@ from featuresum.tasks.settings import TrainConfig
 Logger = logging.Logger | logging.LoggerAdapter
 # Called with the history, the metrics, the held-out confusion matrix and the checkpoint's location.
 Report = Callable[[list[dict[str, float]], dict[str, Any], torch.Tensor, str], None]
-Data = tuple[torch.Tensor, torch.Tensor]
+HeldOut = tuple[torch.Tensor, torch.Tensor]
 
 
 def train_checkpoint(
@@ -30,6 +30,7 @@ def train_checkpoint(
     path: storage.Location,
     key: str,
     init: dict[str, Any] | None = None,
+    memory_mb: int | None = None,
     *,
     logger: Logger | None = None,
     on_progress: Callable[[float], None] = lambda percent: None,
@@ -40,16 +41,17 @@ def train_checkpoint(
     `train`, `holdout` and `init` are files as the tasks pass them (path and fingerprint); with `init`
     training starts from that model's weights, and a partial checkpoint beside `path` is resumed.
     `key` is the cache key the manifest records; `on_progress` gets the percentage of epochs done,
-    first when training starts and then after each epoch.
+    first when training starts and then after each epoch. The rows are held in memory when they fit
+    `memory_mb` (unset: most of what is available), else streamed: see memory.memory_plan.
     """
     logger = logger or logging.getLogger(__name__)
     target = torch.device(device)
     # Created before the data is read, so the first reading covers that time.
     threads = cpu.ThreadPolicy.for_torch() if target.type == "cpu" else None
-    data = tuple(t.to(target) for t in storage.read_dataset([storage.at(part["path"]) for part in train]))
+    data = _training_rows([storage.at(part["path"]) for part in train], holdout, settings, memory_mb, target, logger)
     held_out = tuple(t.to(target) for t in storage.read_dataset(storage.at(holdout["path"])))
     partial = storage.partial_checkpoint_path(path)
-    state = _starting_state(settings, -(-len(data[0]) // settings.batch_size), target, init, partial, logger)
+    state = _starting_state(settings, -(-len(data) // settings.batch_size), target, init, partial, logger)
     start_epoch = state.epoch
     on_progress(100 * start_epoch / settings.epochs)
     provenance = _provenance(train, holdout, init)
@@ -71,6 +73,26 @@ def train_checkpoint(
         config=asdict(settings),
         reference=baseline,
     )
+
+
+def _training_rows(
+    paths: list[storage.Location],
+    holdout: dict[str, Any],
+    settings: TrainConfig,
+    memory_mb: int | None,
+    target: torch.device,
+    logger: Logger,
+) -> batches.Rows:
+    """The training rows, held in memory when the budget allows, else streamed; the log says which."""
+    groups = [storage.open_features(path).metadata for path in paths]
+    blocks = [metadata.row_group(i).num_rows for metadata in groups for i in range(metadata.num_row_groups)]
+    rows, holdout_rows = sum(blocks), storage.open_features(storage.at(holdout["path"])).metadata.num_rows
+    plan = memory.memory_plan(rows, holdout_rows, settings.shuffle_rows, memory_mb, max(blocks, default=0))
+    logger.info("Training on %s", plan.describe(rows, settings.shuffle_rows))
+    if plan.mode == "stream":
+        return batches.Streamed(paths, target)
+    x, y = storage.read_dataset(paths)
+    return batches.InMemory(x.to(target), y.to(target), blocks)
 
 
 def _starting_state(
@@ -136,7 +158,9 @@ def _epoch_end(
     return on_epoch
 
 
-def _measure(state: training.TrainingState, data: Data, held_out: Data) -> tuple[torch.Tensor, dict[str, Any], dict]:
+def _measure(
+    state: training.TrainingState, data: batches.Rows, held_out: HeldOut
+) -> tuple[torch.Tensor, dict[str, Any], dict]:
     """The trained model's held-out confusion matrix, its metrics, and its reference for drift."""
     confusion = training.evaluate(state.model, *held_out)
     metrics = {
@@ -144,14 +168,14 @@ def _measure(state: training.TrainingState, data: Data, held_out: Data) -> tuple
         "val_accuracy": training.accuracy(confusion),
         "holdout_rows": len(held_out[0]),
     }
-    figures = monitoring.training_figures(data[0].cpu().numpy())
+    figures = monitoring.training_figures(chunk.cpu().numpy() for chunk in data.feature_chunks())
     return confusion, metrics, monitoring.reference(*figures, confusion.sum(dim=0).tolist())
 
 
 def _fit(
     state: training.TrainingState,
-    data: Data,
-    held_out: Data,
+    data: batches.Rows,
+    held_out: HeldOut,
     settings: TrainConfig,
     on_epoch: Callable[[training.TrainingState], None],
     threads: cpu.ThreadPolicy | None,

@@ -82,11 +82,13 @@ def train_model(
     device: str,
     path: str,
     init: dict[str, Any] | None = None,
+    memory_mb: int | None = None,
     refresh: bool = False,
 ) -> dict[str, Any]:
     """Train the classifier on the window's partitions, checkpointing every epoch so a killed or retried run resumes.
 
-    With `init` (a checkpoint's path and fingerprint), training starts from that model's weights.
+    With `init` (a checkpoint's path and fingerprint), training starts from that model's weights. The rows
+    are streamed from disk when they do not fit `memory_mb`, which changes the speed, not the model.
     """
     target, key = storage.at(path), own_key()
     with storage.local_lock(target):
@@ -103,6 +105,7 @@ def train_model(
             target,
             key,
             init,
+            memory_mb,
             logger=get_run_logger(),
             on_progress=progress,
             on_report=reports.publish_training,

@@ -19,6 +19,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     schedule: str = "onecycle"
     seed: int = 0
+    shuffle_rows: int = 131_072
 
 
 def cuda_available() -> bool:

@@ -47,8 +47,8 @@ TRANSIENT_ERRNOS = frozenset(
     }
 )
 # Parameters that do not shape a task's output (the shards of write_predictions are a function of its spec).
-# `refresh` asks for a recomputation; it does not change what the output is.
-UNKEYED = frozenset({"shards", "refresh"})
+# `refresh` asks for a recomputation and `memory_mb` says whether rows are streamed; neither changes the output.
+UNKEYED = frozenset({"shards", "refresh", "memory_mb"})
 
 
 def is_transient_error(error: BaseException | None) -> bool:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featuresum.tasks.batches import Rows, as_rows
 from featuresum.tasks.checkpoint import CHECKPOINT_FORMAT
 from featuresum.tasks.cpu import ThreadPolicy
 from featuresum.tasks.data import CLASS_BOUNDARIES, NUM_CLASSES, derive_seed
@@ -39,31 +40,33 @@ def new_training_state(config: TrainConfig, steps_per_epoch: int, device: torch.
 
 
 def train_epoch(
-    state: TrainingState, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, threads: ThreadPolicy | None = None
+    state: TrainingState,
+    data: Rows | tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig,
+    threads: ThreadPolicy | None = None,
 ) -> float:
-    """One pass over (x, y) in a shuffled order fixed by (seed, epoch); returns the mean loss.
+    """One pass over the rows, in the order batches.epoch_plan draws for (seed, epoch); returns the mean loss.
 
-    With `threads`, the CPU thread count follows the load of other processes as it goes.
+    `data` is rows in memory or streamed (see tasks/batches.py), or (features, labels) tensors. With
+    `threads`, the CPU thread count follows the load of other processes as it goes.
     """
+    rows = as_rows(data)
     model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
     model.train()
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", state.epoch))
-    order = torch.randperm(len(x), generator=generator).to(x.device)
-    total = torch.zeros((), device=x.device)
-    for start in range(0, len(x), config.batch_size):
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for x, y in rows.batches(config, state.epoch):
         if threads is not None:
             threads.maybe_adjust()
-        index = order[start : start + config.batch_size]
-        loss = nn.functional.cross_entropy(model(x[index]), y[index])
+        loss = nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         # Accumulating on the device avoids a host sync per step.
-        total += loss.detach() * len(index)
+        total += loss.detach() * len(y)
     state.epoch += 1
-    return total.item() / len(x)
+    return total.item() / len(rows)
 
 
 @torch.no_grad()
@@ -88,7 +91,7 @@ def accuracy(confusion: torch.Tensor) -> float:
 
 def fit(
     state: TrainingState,
-    data: tuple[torch.Tensor, torch.Tensor],
+    data: Rows | tuple[torch.Tensor, torch.Tensor],
     holdout: tuple[torch.Tensor, torch.Tensor],
     config: TrainConfig,
     on_epoch: Callable[[TrainingState], None] = lambda state: None,
@@ -96,7 +99,7 @@ def fit(
 ) -> TrainingState:
     """Train from state.epoch up to config.epochs, evaluating on the held-out set after each epoch."""
     while state.epoch < config.epochs:
-        loss = train_epoch(state, *data, config, threads)
+        loss = train_epoch(state, data, config, threads)
         held_out = accuracy(evaluate(state.model, *holdout))
         state.history.append({"epoch": state.epoch, "train_loss": loss, "val_accuracy": held_out})
         on_epoch(state)

@@ -78,6 +78,18 @@ def test_train_command_reports_training_only(cli, tmp_path):
     assert len(summary["task_states"]) == 3
 
 
+def test_train_streams_its_rows_under_a_small_memory_budget_into_the_same_model(cli, tmp_path):
+    # 150,000 rows take 450 MB in memory; streamed (4,096 shuffled at a time), under 340 MB.
+    sizes = ["--train-samples", "150000", "--holdout-samples", "1000", "--epochs", "1", "--shuffle-rows", "4096"]
+    args = ["train", *sizes, "--date", "2026-03-01", "--data-dir", str(tmp_path / "data"), "--json"]
+    streamed = cli(*args, "--artifacts-dir", str(tmp_path / "streamed"), "--train-memory-mb", "400")
+    assert "150,000 rows streamed from disk, 4,096 shuffled at a time" in streamed.stderr, streamed.stderr
+    in_memory = cli(*args, "--artifacts-dir", str(tmp_path / "in-memory"))
+    assert "150,000 rows held in memory" in in_memory.stderr, in_memory.stderr
+    metrics = [run_json(result)["metrics"] for result in (streamed, in_memory)]
+    assert metrics[0] == metrics[1] and metrics[0]["val_accuracy"] > 0.5
+
+
 def one_error_line(result, *fragments, code=2):
     assert result.returncode == code, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -102,6 +102,14 @@ def test_a_folder_that_cannot_be_created_fails_at_once(capsys, tmp_path):
     one_error_line(code, lines, 2, "a-file/artifacts", "cannot create")
 
 
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_rows_that_no_way_of_training_holds_stop_the_command_before_it_starts(capsys, tmp_path, command):
+    folders = ["--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts")]
+    code, _, lines = featuresum(capsys, command, "--train-memory-mb", "50", *folders)
+    one_error_line(code, lines, 2, "even when streaming", "50 MB budget", "--train-memory-mb")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "artifacts").exists()
+
+
 def environment(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     return {**env, "PREFECT_HOME": str(tmp_path / "home"), **extra}

@@ -110,5 +110,5 @@ def test_training_consults_the_policy_as_it_goes():
     config = training.TrainConfig(epochs=1, batch_size=100, schedule="constant")
     state = training.new_training_state(config, 10, torch.device("cpu"))
     policy = Counting()
-    training.train_epoch(state, shard.features.T.contiguous(), shard.label, config, policy)
+    training.train_epoch(state, (shard.features.T.contiguous(), shard.label), config, policy)
     assert policy.calls == 10

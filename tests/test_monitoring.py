@@ -18,10 +18,10 @@ from featuresum.tasks.errors import InputError
 
 def test_training_figures_match_numpy_in_any_chunking():
     rows = np.random.default_rng(3).normal(0.5, 2.0, (1000, 784)).astype(np.float32)
-    sums, spread = monitoring.training_figures(rows, chunk_rows=64)
+    sums, spread = monitoring.training_figures([rows[:300], rows[300:]], chunk_rows=64)
     np.testing.assert_allclose(sums, rows.astype(np.float64).sum(axis=1), rtol=1e-12)
     assert spread == pytest.approx(rows.astype(np.float64).std(axis=0, ddof=1).mean(), rel=1e-9)
-    assert monitoring.training_figures(rows, chunk_rows=1000)[1] == pytest.approx(spread, rel=1e-12)
+    assert monitoring.training_figures([rows], chunk_rows=1000)[1] == pytest.approx(spread, rel=1e-12)
 
 
 def test_psi_of_identical_histograms_is_zero_whatever_their_scale():

@@ -25,6 +25,13 @@ def today() -> str:
     return datetime.now(UTC).date().isoformat()
 
 
+def check_memory(options: PipelineOptions) -> None:
+    """Rows that no way of training can hold stop the command before any run starts (InputError)."""
+    from featuresum.tasks.memory import memory_plan
+
+    memory_plan(options.train_samples, options.holdout_samples, options.shuffle_rows, options.train_memory_mb)
+
+
 @app.command(
     help=f"Run the whole pipeline: generate data, train and checkpoint, score a new batch.\n\n{LOCAL_SERVER_HELP}"
 )
@@ -42,6 +49,7 @@ def run(
     from featuresum.flows.pipeline import pipeline_flow
 
     chosen_runner = task_runner(runner, dask_address, dask_workers)
+    check_memory(options)
     prepare_folders(options.data_dir, options.artifacts_dir)
     parameters = {**options.parameters(pipeline_flow), "run_date": run_date or today()}
     execute(pipeline_flow, parameters, json_output, "cli-run", chosen_runner)
@@ -52,6 +60,7 @@ def run(
 def train(options: PipelineOptions, run_date: RunDate = None, json_output: JsonOpt = False) -> None:
     from featuresum.flows.pipeline import train_flow
 
+    check_memory(options)
     prepare_folders(options.data_dir, options.artifacts_dir)
     parameters = {**options.parameters(train_flow), "run_date": run_date or today()}
     execute(train_flow, parameters, json_output, "cli-train")

@@ -252,6 +252,21 @@ def iter_parquet_batches(paths: Iterable[Location]) -> Iterator[pa.RecordBatch]:
         yield from pq.ParquetFile(open_input(at(path))).iter_batches()
 
 
+def iter_labelled_batches(
+    path: Location, row_groups: list[int] | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (features of shape (784, rows) float32, labels int64) of a labelled feature file, checked.
+
+    Raises InputError on a missing label or one outside 0..9, as well as on what iter_feature_batches refuses.
+    """
+    for _, block, label in iter_feature_batches(path, row_groups=row_groups):
+        if label is None or label.dtype.kind == "f":  # a null label reads as NaN
+            raise InputError(f"{path}: a training or held-out file needs a label on every row")
+        if label.size and (label.min() < 0 or label.max() >= NUM_CLASSES):
+            raise InputError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}")
+        yield block, label.astype(np.int64, copy=False)
+
+
 def read_dataset(paths: Location | list[Location]) -> tuple[torch.Tensor, torch.Tensor]:
     """Load labelled feature files whole, one after another, as (features (rows, 784) float32, labels int64)."""
     import torch
@@ -262,14 +277,10 @@ def read_dataset(paths: Location | list[Location]) -> tuple[torch.Tensor, torch.
     labels = np.empty(rows, dtype=np.int64)
     start = 0
     for path in paths:
-        for _, block, label in iter_feature_batches(path):
-            if label is None or label.dtype.kind == "f":  # a null label reads as NaN
-                raise InputError(f"{path}: a training or held-out file needs a label on every row")
+        for block, label in iter_labelled_batches(path):
             end = start + block.shape[1]
             # torch copies the transposed block in tiles on every core; numpy's strided `= block.T` is 2-3x slower.
             features[start:end].copy_(torch.from_numpy(block).T)
             labels[start:end] = label
             start = end
-        if labels[:start].size and (labels[:start].min() < 0 or labels[:start].max() >= NUM_CLASSES):
-            raise InputError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}")
     return features, torch.from_numpy(labels)

@@ -1,0 +1,53 @@
+"""How training holds its rows: all in memory when they fit its budget, else streamed; importable without torch."""
+
+from dataclasses import dataclass
+
+import psutil
+
+from featuresum.tasks.data import NUM_FEATURES, SHARD_ROWS
+from featuresum.tasks.errors import InputError
+
+# Bytes a training row takes in memory: 784 float32 features and an int64 label.
+ROW_BYTES = NUM_FEATURES * 4 + 8
+# Streaming holds a buffer of rows being filled, its shuffled copy and the block being decoded.
+STREAM_COPIES = 3
+# Unless a budget is given, the rows may take this share of the memory available when training starts.
+AVAILABLE_SHARE = 0.8
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How training holds its rows: all in memory, or streamed; with the bytes that needs and the budget."""
+
+    mode: str
+    needed: int
+    budget: int
+
+    def describe(self, rows: int, shuffle_rows: int) -> str:
+        where = (
+            "held in memory" if self.mode == "memory" else f"streamed from disk, {shuffle_rows:,} shuffled at a time"
+        )
+        return f"{rows:,} rows {where} ({self.needed / MB:,.0f} MB of a {self.budget / MB:,.0f} MB budget)"
+
+
+def memory_plan(
+    rows: int, holdout_rows: int, shuffle_rows: int, budget_mb: int | None = None, block_rows: int = SHARD_ROWS
+) -> MemoryPlan:
+    """In memory when every row fits the budget, streamed when a shuffle buffer does; else an InputError.
+
+    The budget is `budget_mb`, or a share of the memory available now; the held-out rows are always in
+    memory. `block_rows` is the largest row group (generated files have SHARD_ROWS).
+    """
+    budget = budget_mb * MB if budget_mb else int(psutil.virtual_memory().available * AVAILABLE_SHARE)
+    whole = (rows + holdout_rows) * ROW_BYTES
+    if whole <= budget:
+        return MemoryPlan("memory", whole, budget)
+    streamed = (STREAM_COPIES * (min(rows, shuffle_rows) + block_rows) + holdout_rows) * ROW_BYTES
+    if streamed <= budget:
+        return MemoryPlan("stream", streamed, budget)
+    raise InputError(
+        f"training needs {streamed / MB:,.0f} MB even when streaming its rows ({holdout_rows:,} held-out rows in"
+        f" memory, {shuffle_rows:,} rows shuffled at a time), more than its {budget / MB:,.0f} MB budget: lower"
+        " --holdout-samples or --shuffle-rows, or raise --train-memory-mb on a machine that has the memory"
+    )

@@ -53,7 +53,7 @@ def bare_rate(cli: LocalPrefect, rows: int) -> float:
 
     part = sorted((cli.workdir / "data").glob(f"train-*/date={DAY.isoformat()}/part-0.parquet"))
     x, y = storage.read_dataset([p for p in part if storage.open_features(p).metadata.num_rows == rows][0])
-    model, optimizer, scheduler = bare.new_model(0.003, 0.1, "onecycle", -(-rows // BATCH), 0)
+    model, optimizer, scheduler = bare.new_model(0.003, 0.1, "onecycle", -(-rows // BATCH) + 4, 0)
     bare.train_one_epoch(model, optimizer, scheduler, x[: 4 * BATCH], y[: 4 * BATCH], BATCH)  # warm-up
     return rows / timed(lambda: bare.train_one_epoch(model, optimizer, scheduler, x, y, BATCH))
 
@@ -82,8 +82,8 @@ def main() -> None:
     finally:
         cli.close()
         shutil.rmtree(work, ignore_errors=True)
-    streamed = sorted(rows for rows, mode in results if mode == "stream")
-    reference = results[next((rows for rows in streamed if rows >= PER_DAY), streamed[0]), "stream"]
+    streamed = sorted(rows for rows, mode in results if mode == "stream") or [min(rows for rows, _ in results)]
+    reference = next(results[key] for key in [(n, "stream") for n in streamed if n >= PER_DAY] + list(results))
     for (rows, mode), r in sorted(results.items()):
         rows_out.append([f"{rows:,}", "in memory" if mode == "memory" else "streamed", f"{r['rss']:,.0f}",
                          f"{r['rss'] / reference['rss']:.2f}", f"{r['rate']:,.0f}", f"{r['rate'] / bare:.2f}",

@@ -260,6 +260,8 @@ def test_serve_creates_the_cron_deployment(served):
         "weight_decay": 0.1,
         "schedule": "onecycle",
         "seed": 0,
+        "shuffle_rows": 131072,
+        "train_memory_mb": None,
         # Folders are made absolute where serve starts, since runs execute in subprocesses.
         "data_dir": str(work / "data"),
         "artifacts_dir": str(work / "artifacts"),

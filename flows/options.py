@@ -39,8 +39,9 @@ class PipelineOptions:
     seed: int = _option(0, "Seed of every random draw; the same seed gives the same bytes.", min=0)
     shuffle_rows: int = _option(
         TrainConfig.shuffle_rows,
-        "Training shuffles its row groups, then the rows of each run of this many: the order is the same whether"
-        " the rows are held in memory or streamed from disk.",
+        "Training shuffles its row groups, then the rows within each run of row groups that holds at least this"
+        " many rows (a generated row group holds 32,768): the order is the same whether the rows are held in"
+        " memory or streamed from disk.",
         min=1,
     )
     train_memory_mb: int | None = _option(

@@ -25,9 +25,9 @@ class MemoryPlan:
     budget: int
 
     def describe(self, rows: int, shuffle_rows: int) -> str:
-        where = (
-            "held in memory" if self.mode == "memory" else f"streamed from disk, {shuffle_rows:,} shuffled at a time"
-        )
+        where = "held in memory"
+        if self.mode == "stream":
+            where = f"streamed from disk, shuffled in runs of at least {shuffle_rows:,}"
         return f"{rows:,} rows {where} ({self.needed / MB:,.0f} MB of a {self.budget / MB:,.0f} MB budget)"
 
 
@@ -48,6 +48,7 @@ def memory_plan(
         return MemoryPlan("stream", streamed, budget)
     raise InputError(
         f"training needs {streamed / MB:,.0f} MB even when streaming its rows ({holdout_rows:,} held-out rows in"
-        f" memory, {shuffle_rows:,} rows shuffled at a time), more than its {budget / MB:,.0f} MB budget: lower"
-        " --holdout-samples or --shuffle-rows, or raise --train-memory-mb on a machine that has the memory"
+        f" memory, shuffle buffers of at least {shuffle_rows:,} rows and a row group of {block_rows:,}), more than"
+        f" its {budget / MB:,.0f} MB budget: lower --holdout-samples (or --shuffle-rows, down to one row group),"
+        " or raise --train-memory-mb on a machine that has the memory"
     )

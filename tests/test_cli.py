@@ -2,13 +2,14 @@
 
 import pickle
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_json, small_run_args
+from conftest import run_json, small_run_args, train_checkpoint
 from test_checkpoint import Exploit
 
 from featuresum.tasks import data, storage
@@ -64,6 +65,14 @@ def test_score_with_the_champion_or_a_version_number(cli, tmp_path):
     )
     assert "prefect" in imported and "torch" not in imported
     assert sorted(run_json(rescored)["task_states"].values()) == ["Cached"] * 3 + ["Completed"]
+    # The champion's file made a symlink to another real checkpoint: other weights, refused, not scored.
+    champion = Path(trained["checkpoint"])
+    other = train_checkpoint(tmp_path / "other.pt", seed=9)
+    champion.unlink()
+    champion.symlink_to(other)
+    for reference in ("champion", "1"):
+        swapped = cli("score", "--model", reference, "--samples", "50", "--seed", "4", *artifacts, check=False)
+        one_error_line(swapped, "no longer holds its registered weights", code=1)
     missing = cli("score", "--model", "7", "--samples", "5", *artifacts, check=False)
     one_error_line(missing, "7")
 
@@ -79,11 +88,11 @@ def test_train_command_reports_training_only(cli, tmp_path):
 
 
 def test_train_streams_its_rows_under_a_small_memory_budget_into_the_same_model(cli, tmp_path):
-    # 150,000 rows take 450 MB in memory; streamed (4,096 shuffled at a time), under 340 MB.
+    # 150,000 rows take 450 MB in memory; streamed (shuffled in runs of at least 4,096), under 340 MB.
     sizes = ["--train-samples", "150000", "--holdout-samples", "1000", "--epochs", "1", "--shuffle-rows", "4096"]
     args = ["train", *sizes, "--date", "2026-03-01", "--data-dir", str(tmp_path / "data"), "--json"]
     streamed = cli(*args, "--artifacts-dir", str(tmp_path / "streamed"), "--train-memory-mb", "400")
-    assert "150,000 rows streamed from disk, 4,096 shuffled at a time" in streamed.stderr, streamed.stderr
+    assert "150,000 rows streamed from disk, shuffled in runs of at least 4,096" in streamed.stderr, streamed.stderr
     in_memory = cli(*args, "--artifacts-dir", str(tmp_path / "in-memory"))
     assert "150,000 rows held in memory" in in_memory.stderr, in_memory.stderr
     metrics = [run_json(result)["metrics"] for result in (streamed, in_memory)]

@@ -102,10 +102,10 @@ def test_a_folder_that_cannot_be_created_fails_at_once(capsys, tmp_path):
     one_error_line(code, lines, 2, "a-file/artifacts", "cannot create")
 
 
-@pytest.mark.parametrize("command", ["run", "train"])
+@pytest.mark.parametrize("command", [["run"], ["train"], ["backfill", "--from", "2026-01-01", "--to", "2026-01-02"]])
 def test_rows_that_no_way_of_training_holds_stop_the_command_before_it_starts(capsys, tmp_path, command):
     folders = ["--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts")]
-    code, _, lines = featuresum(capsys, command, "--train-memory-mb", "50", *folders)
+    code, _, lines = featuresum(capsys, *command, "--train-memory-mb", "50", *folders)
     one_error_line(code, lines, 2, "even when streaming", "50 MB budget", "--train-memory-mb")
     assert not (tmp_path / "data").exists() and not (tmp_path / "artifacts").exists()
 

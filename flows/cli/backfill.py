@@ -21,6 +21,7 @@ from featuresum.flows.cli._options import (
     pipeline_options,
 )
 from featuresum.flows.cli._report import DRIFT_KEYS, drift_line
+from featuresum.flows.cli.run import check_memory
 from featuresum.flows.options import PipelineOptions
 from featuresum.tasks.errors import EnvironmentFailure
 
@@ -55,6 +56,7 @@ def backfill(
     start, end = date.fromisoformat(from_date), date.fromisoformat(to_date)
     if end < start:
         raise typer.BadParameter(f"--to {to_date} is before --from {from_date}")
+    check_memory(options)
     prepare_folders(options.data_dir, options.artifacts_dir)
     days = backfills.dates_between(start, end)
     with prefect_session() as api_url:

@@ -36,6 +36,9 @@ def _checked_model(model: str, options: PipelineOptions) -> tuple[str, bool]:
         if version.pruned:
             raise InputError(pruned_checkpoint(model, version))
         model = str(version.checkpoint)
+        # Read through any symlink: the bytes must be this version's, not those of whatever it points at.
+        if storage.exists(model) and storage.fingerprint(model) != version.fingerprint:
+            raise EnvironmentFailure(changed_weights(model, version.version))
     elif not storage.exists(model) and (kept := registry.at_checkpoint(storage.resolve(model))) and kept[-1].pruned:
         raise InputError(pruned_checkpoint(model, kept[-1]))
     if not storage.exists(model):

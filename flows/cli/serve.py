@@ -8,6 +8,7 @@ import typer
 from featuresum.flows.cli._app import app
 from featuresum.flows.cli._flow_runs import prepare_folders
 from featuresum.flows.cli._options import DRIFT_LEVELS, RETRAINING, SCORING, TRAINING, pipeline_options
+from featuresum.flows.cli.run import check_memory
 from featuresum.flows.options import PipelineOptions
 
 
@@ -59,6 +60,7 @@ def serve(
             raise typer.BadParameter(
                 f"{url!r} is not an http(s) URL, e.g. https://hooks.example.com/x", param_hint="--notify"
             )
+    check_memory(options)
     # The folders are absolute: runs execute in subprocesses and may be triggered from anywhere.
     prepare_folders(options.data_dir, options.artifacts_dir)
     serve_pipeline(

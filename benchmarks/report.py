@@ -1,5 +1,8 @@
 """Figures as data, and the markdown file they are written to."""
 
+import os
+import sys
+import time
 from dataclasses import dataclass, field
 
 
@@ -53,3 +56,15 @@ def render(title: str, preamble: list[str], machine: dict[str, str], figures: li
             load = f"other processes kept {figure.foreign_cores:.2f} cores busy on average"
             lines += ["", f"_Took {figure.seconds:.0f} s; {load}._"]
     return "\n".join(lines) + "\n"
+
+
+def written_by(module: str, started: float) -> str:
+    """How a section was made: the command as given, when (`started`, epoch seconds), how long, from what source."""
+    from benchmarks.measure import cpu_model, source_state
+
+    command = f"python -m {module}" + "".join(f" {a}" for a in sys.argv[1:])
+    return (
+        f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} in"
+        f" {(time.time() - started) / 60:.1f} minutes (source {source_state()}). Machine: {cpu_model()},"
+        f" {os.cpu_count()} cores"
+    )

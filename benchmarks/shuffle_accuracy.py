@@ -10,7 +10,6 @@ order training used before it could stream). Only the order differs.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -18,9 +17,9 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.measure import HostLoad, cpu_model, source_state
+from benchmarks.measure import HostLoad
 from benchmarks.pipeline_calls import dataset_in_memory
-from benchmarks.report import table
+from benchmarks.report import table, written_by
 from featuresum.flows.options import PipelineOptions
 from featuresum.tasks import batches, training
 
@@ -53,13 +52,11 @@ def main() -> None:
             print(results[-1], file=sys.stderr, flush=True)
             del x, y
     differences = [r[3] for r in results]
-    command = "python -m benchmarks.shuffle_accuracy" + "".join(f" {a}" for a in sys.argv[1:])
     lines = [
         "## The block shuffle's accuracy",
         "",
-        f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} in"
-        f" {(time.time() - started) / 60:.1f} minutes (source {source_state()}). Machine: {cpu_model()},"
-        f" {os.cpu_count()} cores; other processes kept {load.foreign_cores:.2f} cores busy on average.",
+        f"{written_by('benchmarks.shuffle_accuracy', started)}; other processes kept {load.foreign_cores:.2f}"
+        " cores busy on average.",
         "",
         f"The {args.preset} preset ({options.train_samples:,} rows, {options.epochs} epochs, batch"
         f" {options.batch_size}, lr {options.lr}), trained per seed with `training.fit` on the same rows and"

@@ -12,7 +12,6 @@ size's rows, timed in this process.
 """
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -21,8 +20,8 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.cli_runs import LocalPrefect
-from benchmarks.measure import cpu_model, memory_available_bytes, source_state, timed
-from benchmarks.report import table
+from benchmarks.measure import memory_available_bytes, timed
+from benchmarks.report import table, written_by
 from featuresum.tasks.memory import memory_plan
 from featuresum.tasks.settings import TrainConfig
 
@@ -88,13 +87,11 @@ def main() -> None:
         rows_out.append([f"{rows:,}", "in memory" if mode == "memory" else "streamed", f"{r['rss']:,.0f}",
                          f"{r['rss'] / reference['rss']:.2f}", f"{r['rate']:,.0f}", f"{r['rate'] / bare:.2f}",
                          f"{r['train']:.0f}", f"{r['wall']:.0f}", f"{r['accuracy']:.4f}"])  # fmt: skip
-    command = "python -m benchmarks.training_scale" + "".join(f" {a}" for a in sys.argv[1:])
     lines = [
         "## Training beyond memory",
         "",
-        f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} in"
-        f" {(time.time() - started) / 60:.1f} minutes (source {source_state()}). Machine: {cpu_model()},"
-        f" {os.cpu_count()} cores, {available / 2**30:.1f} GiB of memory available at the start.",
+        f"{written_by('benchmarks.training_scale', started)}, {available / 2**30:.1f} GiB of memory available at"
+        " the start.",
         "",
         f"`featuresum train --train-samples N --window-days N/2M --holdout-samples {HOLDOUT} --epochs 1 --batch-size"
         f" {BATCH}`, each a fresh process against the same local server; streamed: with `--train-memory-mb"

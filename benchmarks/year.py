@@ -23,8 +23,8 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
-from benchmarks.measure import HostLoad, cpu_model, source_state
-from benchmarks.report import table
+from benchmarks.measure import HostLoad
+from benchmarks.report import table, written_by
 from featuresum.flows import local_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,13 +204,11 @@ def main() -> None:
         )
         default = None if args.skip_default_date else one_default_date(cli)
         cli.featuresum("server", "stop")
-    minutes, load1 = (time.time() - started) / 60, Path("/proc/loadavg").read_text().split()[:3]
-    command = "python -m benchmarks.year" + "".join(f" {a}" for a in sys.argv[1:])
+    load1 = Path("/proc/loadavg").read_text().split()[:3]
     lines = [
         "## A year unattended",
         "",
-        f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} in"
-        f" {minutes:.1f} minutes (source {source_state()}). Machine: {cpu_model()}, {os.cpu_count()} cores"
+        f"{written_by('benchmarks.year', started)}"
         " shared with other work: other processes (the local Prefect server among them) kept"
         f" {load.foreign_cores:.2f} cores busy on average; load"
         f" average {' '.join(load0)} at the start, {' '.join(load1)} at the end.",

@@ -127,6 +127,13 @@ class PipelineOptions:
         )
 
 
+# The options of training itself, which every command and flow that trains takes.
+TRAINING = (
+    *("train_samples", "holdout_samples", "epochs", "batch_size", "lr", "weight_decay", "schedule", "seed"),
+    *("shuffle_rows", "train_memory_mb"),
+)
+
+
 def with_options(
     function: Callable, shared: list[inspect.Parameter], build: Callable[[dict[str, Any]], PipelineOptions]
 ) -> Callable:

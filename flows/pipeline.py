@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from featuresum.flows import steps
 from featuresum.flows.gate import gate, initial_weights
-from featuresum.flows.options import PipelineOptions, flow_options
+from featuresum.flows.options import TRAINING, PipelineOptions, flow_options
 from featuresum.flows.steps import Run, Window
 from featuresum.tasks import monitoring, storage
 from featuresum.tasks.errors import EnvironmentFailure, InputError
@@ -74,10 +74,6 @@ def _registered(summary: dict[str, Any], decision: dict[str, Any]) -> dict[str, 
 
 
 # The options of each flow (all of them for the pipeline), declared once in PipelineOptions.
-TRAINING = (
-    *("train_samples", "holdout_samples", "epochs", "batch_size", "lr", "weight_decay", "schedule", "seed"),
-    *("shuffle_rows", "train_memory_mb"),
-)
 RETRAINING = ("window_days", "drift", "init", "data_dir", "artifacts_dir", "device", "min_improvement", "refresh")
 SCORING = ("seed", "drift", "data_dir", "artifacts_dir", "device", "shard_rows", "drift_warn", "drift_alert", "refresh")
 

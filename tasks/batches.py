@@ -36,8 +36,6 @@ def epoch_plan(blocks: list[int], shuffle_rows: int, seed: int, epoch: int) -> P
 class InMemory:
     """Rows held as tensors, with blocks of SHARD_ROWS rows unless the row groups they were read from are given."""
 
-    mode = "memory"
-
     def __init__(self, x: torch.Tensor, y: torch.Tensor, blocks: list[int] | None = None):
         self.x, self.y = x, y
         self.blocks = blocks or [min(SHARD_ROWS, len(x) - start) for start in range(0, len(x), SHARD_ROWS)]
@@ -65,16 +63,9 @@ class InMemory:
 class Streamed:
     """Rows read from the row groups of Parquet files when an epoch needs them; `device` receives each batch."""
 
-    mode = "stream"
-
-    def __init__(self, paths: list[storage.Location], device: torch.device):
-        self.parts = []  # (path, row group) of each block
-        self.blocks = []
-        for path in paths:
-            metadata = storage.open_features(path).metadata
-            for group in range(metadata.num_row_groups):
-                self.parts.append((path, group))
-                self.blocks.append(metadata.row_group(group).num_rows)
+    def __init__(self, groups: list[tuple[storage.Location, int, int]], device: torch.device):
+        self.parts = [(path, group) for path, group, _ in groups]
+        self.blocks = [rows for _, _, rows in groups]
         self.device = device
 
     def __len__(self) -> int:
@@ -115,6 +106,15 @@ class Streamed:
 
 
 Rows = InMemory | Streamed
+
+
+def row_groups(paths: list[storage.Location]) -> list[tuple[storage.Location, int, int]]:
+    """(path, row group, rows) of every row group of the files, in order: the blocks of their rows."""
+    groups = []
+    for path in paths:
+        metadata = storage.open_features(path).metadata
+        groups += [(path, group, metadata.row_group(group).num_rows) for group in range(metadata.num_row_groups)]
+    return groups
 
 
 def as_rows(data: Rows | tuple[torch.Tensor, torch.Tensor]) -> Rows:

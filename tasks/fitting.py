@@ -84,13 +84,13 @@ def _training_rows(
     logger: Logger,
 ) -> batches.Rows:
     """The training rows, held in memory when the budget allows, else streamed; the log says which."""
-    groups = [storage.open_features(path).metadata for path in paths]
-    blocks = [metadata.row_group(i).num_rows for metadata in groups for i in range(metadata.num_row_groups)]
+    groups = batches.row_groups(paths)
+    blocks = [rows for _, _, rows in groups]
     rows, holdout_rows = sum(blocks), storage.open_features(storage.at(holdout["path"])).metadata.num_rows
     plan = memory.memory_plan(rows, holdout_rows, settings.shuffle_rows, memory_mb, max(blocks, default=0))
     logger.info("Training on %s", plan.describe(rows, settings.shuffle_rows))
     if plan.mode == "stream":
-        return batches.Streamed(paths, target)
+        return batches.Streamed(groups, target)
     x, y = storage.read_dataset(paths)
     return batches.InMemory(x.to(target), y.to(target), blocks)
 

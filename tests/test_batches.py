@@ -48,7 +48,7 @@ def test_streamed_rows_give_the_batches_of_the_same_rows_in_memory(files):
     paths, x, y = files
     blocks = [700, 300, 500, 900, 100]
     config = TrainConfig(batch_size=96, seed=4, shuffle_rows=1000)
-    streamed = batches.Streamed(paths, torch.device("cpu"))
+    streamed = batches.Streamed(batches.row_groups(paths), torch.device("cpu"))
     assert streamed.blocks == blocks and len(streamed) == len(x)
     in_memory = batches.InMemory(x, y, blocks)
     for epoch in (0, 1):
@@ -66,7 +66,10 @@ def test_a_model_trained_on_streamed_rows_is_the_model_trained_in_memory(files):
     config = TrainConfig(epochs=2, batch_size=128, seed=5, shuffle_rows=1000)
     holdout = (x[:300], y[:300])
     models = []
-    for rows in (batches.Streamed(paths, torch.device("cpu")), batches.InMemory(x, y, [700, 300, 500, 900, 100])):
+    for rows in (
+        batches.Streamed(batches.row_groups(paths), torch.device("cpu")),
+        batches.InMemory(x, y, [700, 300, 500, 900, 100]),
+    ):
         state = training.new_training_state(config, -(-len(x) // 128), torch.device("cpu"))
         training.fit(state, rows, holdout, config)
         models.append(state)

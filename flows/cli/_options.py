@@ -54,10 +54,6 @@ DaskWorkers = Annotated[
     int | None, typer.Option(min=1, help="Worker processes of the LocalCluster (default: one per core).")
 ]
 # The pipeline options that do not shape training (the scoring, drift and gate options are added per command).
-TRAINING = (
-    *("train_samples", "holdout_samples", "epochs", "batch_size", "lr", "weight_decay", "schedule", "seed"),
-    *("shuffle_rows", "train_memory_mb"),
-)
 RETRAINING = ("window_days", "drift", "init", "data_dir", "artifacts_dir", "device")
 SCORING = ("shard_rows",)
 DRIFT_LEVELS = ("drift_warn", "drift_alert")

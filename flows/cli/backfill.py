@@ -15,14 +15,13 @@ from featuresum.flows.cli._options import (
     DRIFT_LEVELS,
     RETRAINING,
     SCORING,
-    TRAINING,
     JsonOpt,
     iso_date,
     pipeline_options,
 )
 from featuresum.flows.cli._report import DRIFT_KEYS, drift_line
 from featuresum.flows.cli.run import check_memory
-from featuresum.flows.options import PipelineOptions
+from featuresum.flows.options import TRAINING, PipelineOptions
 from featuresum.tasks.errors import EnvironmentFailure
 
 

@@ -8,7 +8,6 @@ from featuresum.flows.cli._options import (
     DRIFT_LEVELS,
     RETRAINING,
     SCORING,
-    TRAINING,
     DaskAddress,
     DaskWorkers,
     JsonOpt,
@@ -17,7 +16,7 @@ from featuresum.flows.cli._options import (
     RunnerOpt,
     pipeline_options,
 )
-from featuresum.flows.options import PipelineOptions
+from featuresum.flows.options import TRAINING, PipelineOptions
 
 
 def today() -> str:

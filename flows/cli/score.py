@@ -36,12 +36,15 @@ def _checked_model(model: str, options: PipelineOptions) -> tuple[str, bool]:
         if version.pruned:
             raise InputError(pruned_checkpoint(model, version))
         model = str(version.checkpoint)
+        if not storage.exists(model):
+            return model, False
         # Read through any symlink: the bytes must be this version's, not those of whatever it points at.
-        if storage.exists(model) and storage.fingerprint(model) != version.fingerprint:
+        if storage.fingerprint(model) != version.fingerprint:
             raise EnvironmentFailure(changed_weights(model, version.version))
-    elif not storage.exists(model) and (kept := registry.at_checkpoint(storage.resolve(model))) and kept[-1].pruned:
-        raise InputError(pruned_checkpoint(model, kept[-1]))
+        return model, True
     if not storage.exists(model):
+        if (kept := registry.at_checkpoint(storage.resolve(model))) and kept[-1].pruned:
+            raise InputError(pruned_checkpoint(model, kept[-1]))
         return model, False
     fingerprint = storage.fingerprint(model)
     if changed := registry.changed_at(storage.resolve(model), fingerprint):

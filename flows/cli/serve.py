@@ -7,9 +7,9 @@ import typer
 
 from featuresum.flows.cli._app import app
 from featuresum.flows.cli._flow_runs import prepare_folders
-from featuresum.flows.cli._options import DRIFT_LEVELS, RETRAINING, SCORING, TRAINING, pipeline_options
+from featuresum.flows.cli._options import DRIFT_LEVELS, RETRAINING, SCORING, pipeline_options
 from featuresum.flows.cli.run import check_memory
-from featuresum.flows.options import PipelineOptions
+from featuresum.flows.options import TRAINING, PipelineOptions
 
 
 @app.command()

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_json, small_run_args, train_checkpoint
+from conftest import DAY, run_json, small_run_args, train_checkpoint
 from test_checkpoint import Exploit
 
 from featuresum.tasks import data, storage
@@ -56,12 +56,14 @@ def test_score_with_the_champion_or_a_version_number(cli, tmp_path):
     assert trained["model_version"] == 1 and trained["registry"]["champion_version"] == 1
     artifacts = ["--artifacts-dir", str(tmp_path / "artifacts")]
     for reference in ("champion", "1"):
-        scored = run_json(cli("score", "--model", reference, "--samples", "50", "--seed", "4", *artifacts, "--json"))
+        scored = run_json(
+            cli("score", "--model", reference, "--samples", "50", "--seed", "4", "--date", DAY, *artifacts, "--json")
+        )
         assert scored["checkpoint"] == trained["checkpoint"]
         assert scored["model_version"] == 1
     # A cached score of a registered version loads no torch: its bytes were checked when trained.
     rescored, imported = run_listing_imports(
-        cli, "score", "--model", "champion", "--samples", "50", "--seed", "4", *artifacts, "--json"
+        cli, "score", "--model", "champion", "--samples", "50", "--seed", "4", "--date", DAY, *artifacts, "--json"
     )
     assert "prefect" in imported and "torch" not in imported
     assert sorted(run_json(rescored)["task_states"].values()) == ["Cached"] * 3 + ["Completed"]
@@ -71,7 +73,9 @@ def test_score_with_the_champion_or_a_version_number(cli, tmp_path):
     champion.unlink()
     champion.symlink_to(other)
     for reference in ("champion", "1"):
-        swapped = cli("score", "--model", reference, "--samples", "50", "--seed", "4", *artifacts, check=False)
+        swapped = cli(
+            "score", "--model", reference, "--samples", "50", "--seed", "4", "--date", DAY, *artifacts, check=False
+        )
         one_error_line(swapped, "no longer holds its registered weights", code=1)
     missing = cli("score", "--model", "7", "--samples", "5", *artifacts, check=False)
     one_error_line(missing, "7")

@@ -172,3 +172,21 @@ def stream_score_parquet(model: nn.Module, source: str, destination: str, batch_
             writer.write_batch(pa.record_batch(predictions, schema=schema))
             rows += batch.num_rows
     return rows
+
+
+def decode_parquet(source: str, batch_rows: int = 16_384) -> int:
+    """Decode the feature columns of a file batch by batch and keep nothing: the floor's first part."""
+    parquet = pq.ParquetFile(source, pre_buffer=False)
+    rows = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=FEATURE_NAMES):
+        rows += batch.num_rows
+    return rows
+
+
+@torch.no_grad()
+def matrix_products(model: nn.Module, rows: int, batch_rows: int = 16_384) -> int:
+    """The model's forward pass over `rows` rows of one batch held in memory: the floor's second part."""
+    features = torch.randn(NUM_FEATURES, batch_rows)
+    for start in range(0, rows, batch_rows):
+        model(features[:, : min(batch_rows, rows - start)].T)
+    return rows

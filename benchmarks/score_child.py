@@ -14,7 +14,7 @@ from benchmarks.measure import peak_rss_mib
 
 
 def main() -> None:
-    """Score --input with --model into --output (pipeline path, --bare or --bare-stream), or --idle."""
+    """Score --input with --model into --output (pipeline path, --bare or --bare-stream), or time a part of it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # Paths or s3:// URIs: strings, since a Path would fold the URI's "//".
     parser.add_argument("--model", required=True)
@@ -26,6 +26,8 @@ def main() -> None:
     scorer.add_argument(
         "--bare-stream", action="store_true", help="score with the bare streaming baseline (iter_batches)"
     )
+    scorer.add_argument("--decode", action="store_true", help="only decode --input's feature columns")
+    scorer.add_argument("--matmul", type=int, metavar="ROWS", help="only the forward pass over ROWS in-memory rows")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.idle:
@@ -35,6 +37,12 @@ def main() -> None:
         rows, accuracy = 0, None
     elif args.bare:
         rows, accuracy = bare.score_parquet(bare.load_model(str(args.model)), str(args.input), str(args.output)), None
+    elif args.decode:
+        rows, accuracy = bare.decode_parquet(str(args.input)), None
+    elif args.matmul:
+        model = bare.load_model(str(args.model))
+        start = time.perf_counter()  # the checkpoint's load is not part of the products
+        rows, accuracy = bare.matrix_products(model, args.matmul), None
     elif args.bare_stream:
         model = bare.load_model(str(args.model))
         rows, accuracy = bare.stream_score_parquet(model, str(args.input), str(args.output)), None

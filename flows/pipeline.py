@@ -137,7 +137,7 @@ def score_flow(
         if changed := registry.changed_at(checkpoint["path"], checkpoint["fingerprint"]):
             raise EnvironmentFailure(changed_weights(model, changed.version))
         if input is not None:
-            features = run.call(fingerprint, path=str(storage.resolve(input)))
+            features = run.call(fingerprint, path=str(storage.resolve(input)), digest="blake3")
         else:
             rows = options.score_samples if samples is None else samples
             source = steps.Source(options.seed, options.drift, options.data_dir)

@@ -90,7 +90,7 @@ def identity_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         current = storage.identity(path)
     except OSError:
         current = {"missing": True}
-    return storage.spec_key({"task": context.task.name, "path": str(path), **current})
+    return storage.spec_key({"task": context.task.name, **parameters, "path": str(path), **current})
 
 
 def file_task(**options: Any):

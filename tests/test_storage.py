@@ -247,3 +247,46 @@ def test_rows_without_a_label_are_scored_but_left_out_of_the_accuracy(tmp_path):
 
     with pytest.raises(InputError, match="needs a label on every row"):
         storage.read_dataset(path)
+
+
+def test_scoring_many_batches_while_reading_ahead_gives_each_row_its_own_sum_and_class(tmp_path):
+    """Batches share two buffers and the next is read while one is scored: no row may get another's values."""
+    import torch
+
+    from featuresum.tasks import scoring
+    from featuresum.tasks.model import FeatureSumMLP
+
+    path = tmp_path / "rows.parquet"
+    storage.write_parquet(
+        path, storage.DATASET_SCHEMA, map(storage.shard_to_batch, data.generate_dataset(3, "t", 1000))
+    )
+    torch.manual_seed(0)
+    model, summary, threads = FeatureSumMLP().eval(), scoring.ScoreSummary(), torch.get_num_threads()
+    batches = storage.iter_feature_batches(path, batch_rows=64)
+    scored = pa.Table.from_batches(scoring.score_batches(model, batches, torch.device("cpu"), summary))
+    table = pq.read_table(path)
+    features = np.stack([table.column(name).to_numpy() for name in storage.FEATURE_COLUMNS], axis=1)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(features)).argmax(dim=1).numpy()
+    assert scored.column("sample_id").to_pylist() == table.column("sample_id").to_pylist()
+    np.testing.assert_allclose(scored.column("feature_sum").to_numpy(), features.sum(axis=1, dtype=np.float64))
+    assert (scored.column("predicted_class").to_numpy() == expected).all()
+    assert summary.rows == 1000 and torch.get_num_threads() == threads  # the core lent to the reader is given back
+
+    previous = None
+    for _, features, _ in storage.iter_feature_batches(path, batch_rows=64):
+        if previous is not None:  # what scoring holds while the next batch is read is still its batch
+            assert np.array_equal(*previous)
+        previous = (features, features.copy())
+
+
+def test_a_feature_file_is_known_by_its_blake3_and_a_checkpoint_by_its_sha256(tmp_path):
+    import hashlib
+
+    from blake3 import blake3
+
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(os.urandom(9 * 2**20 + 7))  # more than two reads
+    content = path.read_bytes()
+    assert storage.fingerprint(path) == hashlib.sha256(content).hexdigest()
+    assert storage.fingerprint(path, "blake3") == "blake3:" + blake3(content).hexdigest()

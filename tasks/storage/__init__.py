@@ -17,7 +17,6 @@ from featuresum.tasks.errors import InputError
 from featuresum.tasks.storage.files import (
     LEFTOVER_AGE_SECONDS,
     LEFTOVER_NAME,
-    REMOTE_READ_BYTES,
     Written,
     atomic_path,
     exists,
@@ -85,7 +84,6 @@ __all__ = [
     "LEFTOVER_NAME",
     "PARQUET_OPTIONS",
     "PREDICTIONS_SCHEMA",
-    "REMOTE_READ_BYTES",
     "InputError",
     "Location",
     "Path",

@@ -42,14 +42,16 @@ DEFAULT = Preset(
 )
 PRESETS: dict[str, Preset] = {
     "default": DEFAULT,
-    # The fastest point of the time-to-accuracy table (benchmarks, figure 13) that reaches 0.98.
+    # The fastest point of the time-to-accuracy table (benchmarks, figure 13) that reaches 0.98: stronger
+    # weight decay and a higher peak rate get there in 6 epochs, where 0.1 and 0.006 needed 10.
     "full": replace(
         DEFAULT,
         train_samples=1_600_000,
         holdout_samples=100_000,
         score_samples=100_000,
-        epochs=10,
+        epochs=6,
         batch_size=1024,
-        lr=0.006,
+        lr=0.012,
+        weight_decay=0.3,
     ),
 }

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from featuresum.tasks import storage
+from featuresum.tasks import memory, storage
 from featuresum.tasks.data import NUM_FEATURES, SHARD_ROWS, derive_seed
 from featuresum.tasks.settings import TrainConfig
 
@@ -73,7 +73,7 @@ class Streamed:
 
     def _read(self, run: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of these blocks, in this order, as (features (rows, 784), labels)."""
-        x = torch.empty(sum(self.blocks[b] for b in run), NUM_FEATURES, dtype=torch.float32)
+        x = memory.empty_rows(sum(self.blocks[b] for b in run))
         y = torch.empty(len(x), dtype=torch.int64)
         start = 0
         for block in run:

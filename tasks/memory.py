@@ -1,11 +1,18 @@
 """How training holds its rows: all in memory when they fit its budget, else streamed; importable without torch."""
 
+from __future__ import annotations
+
+import mmap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
 
 from featuresum.tasks.data import NUM_FEATURES, SHARD_ROWS
 from featuresum.tasks.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # Bytes a training row takes in memory: 784 float32 features and an int64 label.
 ROW_BYTES = NUM_FEATURES * 4 + 8
@@ -14,6 +21,8 @@ STREAM_COPIES = 3
 # Unless a budget is given, the rows may take this share of the memory available when training starts.
 AVAILABLE_SHARE = 0.8
 MB = 2**20
+# Below this a tensor is left to torch's allocator: huge pages pay off on the multi-megabyte blocks of rows.
+HUGE_PAGE_BYTES = 64 * MB
 
 
 @dataclass(frozen=True)
@@ -52,3 +61,19 @@ def memory_plan(
         f" its {budget / MB:,.0f} MB budget: lower --holdout-samples (or --shuffle-rows, down to one row group),"
         " or raise --train-memory-mb on a machine that has the memory"
     )
+
+
+def empty_rows(rows: int) -> torch.Tensor:
+    """An uninitialised (rows, 784) float32 tensor; on Linux in transparent huge pages where the kernel allows.
+
+    Touching fresh memory page by page is what costs here: filling 5 GB of 4 KiB pages with transposed
+    blocks took 9x as long as filling memory already touched, and huge pages take a 512th of the faults.
+    """
+    import torch
+
+    size = rows * NUM_FEATURES * 4
+    if not hasattr(mmap, "MADV_HUGEPAGE") or size < HUGE_PAGE_BYTES:
+        return torch.empty(rows, NUM_FEATURES)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.float32).view(rows, NUM_FEATURES)

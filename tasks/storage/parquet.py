@@ -274,9 +274,11 @@ def read_dataset(paths: Location | list[Location]) -> tuple[torch.Tensor, torch.
     """Load labelled feature files whole, one after another, as (features (rows, 784) float32, labels int64)."""
     import torch
 
+    from featuresum.tasks import memory
+
     paths = [paths] if isinstance(paths, str | Path) else paths
     rows = sum(open_features(path).metadata.num_rows for path in paths)
-    features = torch.empty(rows, NUM_FEATURES, dtype=torch.float32)
+    features = memory.empty_rows(rows)
     labels = np.empty(rows, dtype=np.int64)
     start = 0
     for path in paths:

@@ -1,4 +1,5 @@
-"""CPU threads for training: as many as the cores that other processes leave free.
+"""CPU threads: work made ahead on a thread of its own, and training's threads as many as the cores that
+other processes leave free.
 
 PyTorch's OpenMP threads spin while they wait for each other, so when another process holds a
 core, one of them is descheduled and the rest spin for it: training beside one busy process ran at
@@ -13,7 +14,9 @@ would no longer give the versions that running the dates one by one gives.
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import psutil
 
@@ -23,6 +26,20 @@ SETTING = "FEATURESUM_THREADS"
 INTERVAL_SECONDS = 1.0
 # Time spent waiting for IO (Linux) is idle time; time spent running guests (Linux) is counted in user and nice.
 NOT_BUSY = ("idle", "iowait", "guest", "guest_nice")
+T = TypeVar("T")
+_END = object()
+
+
+def ahead(items: Iterator[T]) -> Iterator[T]:
+    """The items of `items`, each next one made on a thread of its own while the caller works on the last.
+
+    For work that releases the GIL (torch, numpy, pyarrow): making a batch then overlaps using one.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="ahead") as worker:
+        upcoming = worker.submit(next, items, _END)
+        while (item := upcoming.result()) is not _END:
+            upcoming = worker.submit(next, items, _END)
+            yield item
 
 
 def _host_busy_seconds() -> float:

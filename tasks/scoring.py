@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
+from featuresum.tasks import cpu
 from featuresum.tasks.data import NUM_CLASSES
 from featuresum.tasks.storage import PREDICTIONS_SCHEMA
 
@@ -70,12 +70,8 @@ def score_batches(
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
-            summed = _with_sums(iter(batches))
-            upcoming = reader.submit(next, summed, None)
-            while (item := upcoming.result()) is not None:
-                upcoming = reader.submit(next, summed, None)
-                yield _scored(model, device, summary, *item)
+        for item in cpu.ahead(_with_sums(iter(batches))):
+            yield _scored(model, device, summary, *item)
     finally:
         torch.set_num_threads(threads)
 

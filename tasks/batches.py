@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from featuresum.tasks import memory, storage
+from featuresum.tasks import cpu, memory, storage
 from featuresum.tasks.data import NUM_FEATURES, SHARD_ROWS, derive_seed
 from featuresum.tasks.settings import TrainConfig
 
@@ -76,14 +76,17 @@ class Streamed:
         x = memory.empty_rows(sum(self.blocks[b] for b in run))
         y = torch.empty(len(x), dtype=torch.int64)
         start = 0
-        for block in run:
-            path, group = self.parts[block]
-            for features, labels in storage.iter_labelled_batches(path, row_groups=[group]):
-                end = start + features.shape[1]
-                x[start:end].copy_(torch.from_numpy(features).T)
-                y.numpy()[start:end] = labels
-                start = end
+        read = (batch for block in run for batch in storage.iter_labelled_batches(*self._part(block)))
+        for features, labels in cpu.ahead(read):  # the next block decoded while this one is copied
+            end = start + features.shape[1]
+            x[start:end].copy_(torch.from_numpy(features).T)
+            y.numpy()[start:end] = labels
+            start = end
         return x, y
+
+    def _part(self, block: int) -> tuple[storage.Location, list[int]]:
+        path, group = self.parts[block]
+        return path, [group]
 
     def batches(self, config: TrainConfig, epoch: int) -> Batches:
         """The epoch's batches: each run of blocks is read, shuffled, and cut into batches (the rest joins the next)."""

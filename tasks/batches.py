@@ -8,6 +8,7 @@ rows fit in memory decides how fast training is, never the model it trains.
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from featuresum.tasks import cpu, memory, storage
@@ -76,7 +77,7 @@ class Streamed:
         x = memory.empty_rows(sum(self.blocks[b] for b in run))
         y = torch.empty(len(x), dtype=torch.int64)
         start = 0
-        read = (batch for block in run for batch in storage.iter_labelled_batches(*self._part(block)))
+        read = (batch for block in run for batch in self._batches_of(block))
         for features, labels in cpu.ahead(read):  # the next block decoded while this one is copied
             end = start + features.shape[1]
             x[start:end].copy_(torch.from_numpy(features).T)
@@ -84,9 +85,10 @@ class Streamed:
             start = end
         return x, y
 
-    def _part(self, block: int) -> tuple[storage.Location, list[int]]:
+    def _batches_of(self, block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         path, group = self.parts[block]
-        return path, [group]
+        # Buffers reused: each batch is copied before the one after next is read.
+        return storage.iter_labelled_batches(path, row_groups=[group], reuse=True)
 
     def batches(self, config: TrainConfig, epoch: int) -> Batches:
         """The epoch's batches: each run of blocks is read, shuffled, and cut into batches (the rest joins the next)."""

@@ -13,10 +13,12 @@ would no longer give the versions that running the dates one by one gives.
 
 import os
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import psutil
 
@@ -28,6 +30,30 @@ INTERVAL_SECONDS = 1.0
 NOT_BUSY = ("idle", "iowait", "guest", "guest_nice")
 T = TypeVar("T")
 _END = object()
+
+
+_loan = {"holders": 0, "threads": 0}
+_loan_lock = threading.Lock()
+
+
+@contextmanager
+def one_core_lent(torch: Any) -> Iterator[None]:
+    """torch's threads one fewer while the caller's own thread works beside them, then as many as before.
+
+    set_num_threads is process-wide: concurrent holders share one loan, and the last to leave gives it back.
+    """
+    with _loan_lock:
+        if _loan["holders"] == 0:
+            _loan["threads"] = torch.get_num_threads()
+            torch.set_num_threads(max(1, _loan["threads"] - 1))
+        _loan["holders"] += 1
+    try:
+        yield
+    finally:
+        with _loan_lock:
+            _loan["holders"] -= 1
+            if _loan["holders"] == 0:
+                torch.set_num_threads(_loan["threads"])
 
 
 def ahead(items: Iterator[T]) -> Iterator[T]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,5 +76,6 @@ def empty_rows(rows: int) -> torch.Tensor:
     if not hasattr(mmap, "MADV_HUGEPAGE") or size < HUGE_PAGE_BYTES:
         return torch.empty(rows, NUM_FEATURES)
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
+    with suppress(OSError):  # a kernel built without transparent huge pages refuses the advice
+        region.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(region, dtype=torch.float32).view(rows, NUM_FEATURES)

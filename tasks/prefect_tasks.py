@@ -10,6 +10,7 @@ cached run never loads it (about 1.2 s of a rerun's few seconds).
 """
 
 import errno
+from contextlib import closing
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
@@ -150,9 +151,9 @@ def score_shard(
         where = torch.device(device)
         classifier = model_from_checkpoint(load_checkpoint(model["path"], model["fingerprint"]), where)
         summary = scoring.ScoreSummary()
-        batches = storage.iter_feature_batches(storage.at(features["path"]), row_groups=row_groups)
-        predictions = scoring.score_batches(classifier, batches, where, summary)
-        written = storage.write_parquet(target, storage.PREDICTIONS_SCHEMA, predictions)
+        batches = storage.iter_feature_batches(storage.at(features["path"]), row_groups=row_groups, reuse=True)
+        with closing(scoring.score_batches(classifier, batches, where, summary)) as predictions:
+            written = storage.write_parquet(target, storage.PREDICTIONS_SCHEMA, predictions)
         logger = get_run_logger()
         logger.info("Scored %d rows of %s (row groups %s) into %s", summary.rows, features["path"], row_groups, path)
         return storage.write_manifest(target, key, written=written, **asdict(summary))

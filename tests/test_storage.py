@@ -262,10 +262,10 @@ def test_scoring_many_batches_while_reading_ahead_gives_each_row_its_own_sum_and
     )
     torch.manual_seed(0)
     model, summary, threads = FeatureSumMLP().eval(), scoring.ScoreSummary(), torch.get_num_threads()
-    batches = storage.iter_feature_batches(path, batch_rows=64)
+    batches = storage.iter_feature_batches(path, batch_rows=64, reuse=True)
     scored = pa.Table.from_batches(scoring.score_batches(model, batches, torch.device("cpu"), summary))
     table = pq.read_table(path)
-    features = np.stack([table.column(name).to_numpy() for name in storage.FEATURE_COLUMNS], axis=1)
+    features = features_of(table)
     with torch.no_grad():
         expected = model(torch.from_numpy(features)).argmax(dim=1).numpy()
     assert scored.column("sample_id").to_pylist() == table.column("sample_id").to_pylist()
@@ -274,10 +274,54 @@ def test_scoring_many_batches_while_reading_ahead_gives_each_row_its_own_sum_and
     assert summary.rows == 1000 and torch.get_num_threads() == threads  # the core lent to the reader is given back
 
     previous = None
-    for _, features, _ in storage.iter_feature_batches(path, batch_rows=64):
+    for _, features, _ in storage.iter_feature_batches(path, batch_rows=64, reuse=True):
         if previous is not None:  # what scoring holds while the next batch is read is still its batch
             assert np.array_equal(*previous)
         previous = (features, features.copy())
+    # Without reuse (the default) every batch kept is its own.
+    kept = np.concatenate([block for _, block, _ in storage.iter_feature_batches(path, batch_rows=64)], axis=1)
+    assert np.array_equal(kept.T, features_of(table))
+
+
+def features_of(table):
+    return np.stack([table.column(name).to_numpy() for name in storage.FEATURE_COLUMNS], axis=1)
+
+
+def test_concurrent_scorers_give_torch_its_threads_back_whatever_order_they_finish_in():
+    """The second scorer starts while the first holds a core back; the first finishes first."""
+    import torch
+
+    from featuresum.tasks import cpu
+
+    original, seen = torch.get_num_threads(), []
+    torch.set_num_threads(2)  # the suite runs torch on one thread, where there is no core to lend
+    second_in, first_out = threading.Event(), threading.Event()
+
+    def second():
+        with cpu.one_core_lent(torch):
+            second_in.set()
+            first_out.wait(10)
+            seen.append(torch.get_num_threads())
+
+    def first():
+        with cpu.one_core_lent(torch):
+            late = threading.Thread(target=second)  # created while the core is lent
+            late.start()
+            second_in.wait(10)
+        first_out.set()
+        late.join(10)
+
+    try:
+        scorer = threading.Thread(target=first)
+        scorer.start()
+        scorer.join(20)
+        fresh = []
+        later = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        later.start()
+        later.join(10)
+        assert seen == [1] and torch.get_num_threads() == 2 and fresh == [2]
+    finally:
+        torch.set_num_threads(original)
 
 
 def test_a_feature_file_is_known_by_its_blake3_and_a_checkpoint_by_its_sha256(tmp_path):

@@ -179,18 +179,18 @@ def open_features(path: Location) -> pq.ParquetFile:
 
 
 def iter_feature_batches(
-    path: Location, batch_rows: int = 16_384, row_groups: list[int] | None = None
+    path: Location, batch_rows: int = 16_384, row_groups: list[int] | None = None, reuse: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Stream (sample_id, features of shape (784, rows) float32, label or None) from a feature file.
 
     `row_groups` limits the stream to those row groups (a shard). Rows without a `sample_id`
     column are numbered by their position in the file. Raises InputError on non-finite features.
-    The features are stacked into two arrays in turn: a batch's stay valid while the next is read (as
-    scoring reads ahead) and are overwritten by the one after, so copy what is kept longer.
+    With `reuse`, the features are stacked into two arrays in turn: a batch's stay valid while the next
+    is read (as scoring reads ahead) and are overwritten by the one after, for callers that copy them
+    at once. A fresh 50 MB array per batch costs its page faults every time: six times the stack.
     """
     parquet = open_features(path)
-    # A fresh 50 MB array per batch costs its page faults every time: the stack would take six times as long.
-    ring = [np.empty(NUM_FEATURES * batch_rows, dtype=np.float32) for _ in range(2)]
+    ring = [np.empty(NUM_FEATURES * batch_rows, dtype=np.float32) for _ in range(2 if reuse else 0)]
     names = parquet.schema_arrow.names
     has_label = "label" in names
     columns = [*FEATURE_COLUMNS] + [name for name in ("sample_id", "label") if name in names]
@@ -203,7 +203,8 @@ def iter_feature_batches(
             if nulls := [name for name in never_null if batch.column(name).null_count]:
                 count = open_features(path).read(columns=nulls[:1]).column(0).null_count  # the whole file's
                 raise InputError(f"{path}: column {nulls[0]} has {count} null values; fill or drop those rows")
-            features = ring[index % 2][: NUM_FEATURES * batch.num_rows].reshape(NUM_FEATURES, batch.num_rows)
+            into = ring[index % 2] if reuse else np.empty(NUM_FEATURES * batch.num_rows, dtype=np.float32)
+            features = into[: NUM_FEATURES * batch.num_rows].reshape(NUM_FEATURES, batch.num_rows)
             np.stack([batch.column(i).to_numpy(zero_copy_only=False) for i in range(NUM_FEATURES)], out=features)
             if not np.isfinite(features).all():
                 raise InputError(f"{path}: features contain NaN, infinite or missing values")
@@ -256,13 +257,13 @@ def iter_parquet_batches(paths: Iterable[Location]) -> Iterator[pa.RecordBatch]:
 
 
 def iter_labelled_batches(
-    path: Location, row_groups: list[int] | None = None
+    path: Location, row_groups: list[int] | None = None, reuse: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (features of shape (784, rows) float32, labels int64) of a labelled feature file, checked.
 
     Raises InputError on a missing label or one outside 0..9, as well as on what iter_feature_batches refuses.
     """
-    for _, block, label in iter_feature_batches(path, row_groups=row_groups):
+    for _, block, label in iter_feature_batches(path, row_groups=row_groups, reuse=reuse):
         if label is None or label.dtype.kind == "f":  # a null label reads as NaN
             raise InputError(f"{path}: a training or held-out file needs a label on every row")
         if label.size and (label.min() < 0 or label.max() >= NUM_CLASSES):
@@ -283,7 +284,7 @@ def read_dataset(paths: Location | list[Location]) -> tuple[torch.Tensor, torch.
     start = 0
     for path in paths:
         # The next block is decoded while this one is copied: the copy is mostly faulting in fresh memory.
-        for block, label in cpu.ahead(iter_labelled_batches(path)):
+        for block, label in cpu.ahead(iter_labelled_batches(path, reuse=True)):
             end = start + block.shape[1]
             # torch copies the transposed block in tiles on every core; numpy's strided `= block.T` is 2-3x slower.
             features[start:end].copy_(torch.from_numpy(block).T)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from featuresum.tasks import cpu, memory, storage
+from featuresum.tasks import storage
 from featuresum.tasks.data import NUM_FEATURES, SHARD_ROWS, derive_seed
 from featuresum.tasks.settings import TrainConfig
 
@@ -74,20 +74,11 @@ class Streamed:
 
     def _read(self, run: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of these blocks, in this order, as (features (rows, 784), labels)."""
-        x = memory.empty_rows(sum(self.blocks[b] for b in run))
-        y = torch.empty(len(x), dtype=torch.int64)
-        start = 0
         read = (batch for block in run for batch in self._batches_of(block))
-        for features, labels in cpu.ahead(read):  # the next block decoded while this one is copied
-            end = start + features.shape[1]
-            x[start:end].copy_(torch.from_numpy(features).T)
-            y.numpy()[start:end] = labels
-            start = end
-        return x, y
+        return storage.rows_of(read, sum(self.blocks[b] for b in run))
 
     def _batches_of(self, block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         path, group = self.parts[block]
-        # Buffers reused: each batch is copied before the one after next is read.
         return storage.iter_labelled_batches(path, row_groups=[group], reuse=True)
 
     def batches(self, config: TrainConfig, epoch: int) -> Batches:

@@ -273,21 +273,27 @@ def iter_labelled_batches(
 
 def read_dataset(paths: Location | list[Location]) -> tuple[torch.Tensor, torch.Tensor]:
     """Load labelled feature files whole, one after another, as (features (rows, 784) float32, labels int64)."""
+    paths = [paths] if isinstance(paths, str | Path) else paths
+    rows = sum(open_features(path).metadata.num_rows for path in paths)
+    return rows_of((batch for path in paths for batch in iter_labelled_batches(path, reuse=True)), rows)
+
+
+def rows_of(batches: Iterator[tuple[np.ndarray, np.ndarray]], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` rows of labelled (features (784, n), labels) batches, as (features (rows, 784), labels int64).
+
+    The next batch is decoded while this one is copied (the copy is mostly faulting in fresh memory),
+    so the batches may share buffers that hold while the next is read (reuse=True).
+    """
     import torch
 
     from featuresum.tasks import cpu, memory
 
-    paths = [paths] if isinstance(paths, str | Path) else paths
-    rows = sum(open_features(path).metadata.num_rows for path in paths)
-    features = memory.empty_rows(rows)
-    labels = np.empty(rows, dtype=np.int64)
+    features, labels = memory.empty_rows(rows), np.empty(rows, dtype=np.int64)
     start = 0
-    for path in paths:
-        # The next block is decoded while this one is copied: the copy is mostly faulting in fresh memory.
-        for block, label in cpu.ahead(iter_labelled_batches(path, reuse=True)):
-            end = start + block.shape[1]
-            # torch copies the transposed block in tiles on every core; numpy's strided `= block.T` is 2-3x slower.
-            features[start:end].copy_(torch.from_numpy(block).T)
-            labels[start:end] = label
-            start = end
+    for block, label in cpu.ahead(batches):
+        end = start + block.shape[1]
+        # torch copies the transposed block in tiles on every core; numpy's strided `= block.T` is 2-3x slower.
+        features[start:end].copy_(torch.from_numpy(block).T)
+        labels[start:end] = label
+        start = end
     return features, torch.from_numpy(labels)

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import Task
 
 from featuresum.flows.options import PipelineOptions
-from featuresum.tasks import memory, monitoring, storage
+from featuresum.tasks import handoff, memory, monitoring, storage
 from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.prefect_tasks import (
     generate_dataset,
@@ -192,9 +192,16 @@ def device(requested: str) -> str:
 
 def generate(stream: str, rows: int, day: date, source: Source, run: Run) -> dict:
     """One date's partition of a stream (cached: a date already generated is never generated again)."""
-    spec = {"stream": stream, "rows": rows, "seed": source.seed, "drift": source.drift}
-    path = storage.partition_path(storage.resolve(source.data_dir), stream, spec, day)
-    return run.call_cached(generate_dataset, path, **spec, day=day.isoformat())
+    spec = _spec(stream, rows, source)
+    return run.call_cached(generate_dataset, _path(stream, rows, day, source), **spec, day=day.isoformat())
+
+
+def _spec(stream: str, rows: int, source: Source) -> dict:
+    return {"stream": stream, "rows": rows, "seed": source.seed, "drift": source.drift}
+
+
+def _path(stream: str, rows: int, day: date, source: Source) -> storage.Location:
+    return storage.partition_path(storage.resolve(source.data_dir), stream, _spec(stream, rows, source), day)
 
 
 def train(
@@ -206,9 +213,20 @@ def train(
     training rows, so moving the window by a day generates one new partition and reuses the rest.
     """
     # Rows that fit no way of training stop the run before any is generated.
-    memory.memory_plan(window.train_samples, window.holdout_samples, options.shuffle_rows, options.train_memory_mb)
+    plan = memory.memory_plan(
+        window.train_samples, window.holdout_samples, options.shuffle_rows, options.train_memory_mb
+    )
     source = Source(options.seed, options.drift, options.data_dir)
     per_day = max(1, window.train_samples // window.days)
+    # One day's rows, trained on in memory, go from generation to training without a read back.
+    handed = [_path("train", per_day, window.day, source), _path("holdout", window.holdout_samples, window.day, source)]
+    with handoff.keeping(handed if plan.mode == "memory" and window.days == 1 else []):
+        return _train(options, window, init, device, run, source, per_day)
+
+
+def _train(
+    options: PipelineOptions, window: Window, init: dict | None, device: str, run: Run, source: Source, per_day: int
+) -> tuple[dict, dict, dict]:
     partitions = [generate("train", per_day, day, source, run) for day in window.dates()]
     # Streams of their own give the held-out rows (and the batch to score) seeds of their own.
     holdout = generate("holdout", window.holdout_samples, window.day, source, run)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from featuresum.tasks import batches, cpu, memory, monitoring, storage, training
+from featuresum.tasks import batches, cpu, handoff, memory, monitoring, storage, training
 from featuresum.tasks.checkpoint import load_checkpoint, save_checkpoint
 from featuresum.tasks.errors import InputError
 from featuresum.tasks.settings import TrainConfig
@@ -48,8 +48,9 @@ def train_checkpoint(
     target = torch.device(device)
     # Created before the data is read, so the first reading covers that time.
     threads = cpu.ThreadPolicy.for_torch() if target.type == "cpu" else None
-    data = _training_rows([storage.at(part["path"]) for part in train], holdout, settings, memory_mb, target, logger)
-    held_out = tuple(t.to(target) for t in storage.read_dataset(storage.at(holdout["path"])))
+    data = _training_rows(train, holdout, settings, memory_mb, target, logger)
+    held_out = handoff.take([holdout]) or storage.read_dataset(storage.at(holdout["path"]))
+    held_out = tuple(t.to(target) for t in held_out)
     partial = storage.partial_checkpoint_path(path)
     state = _starting_state(settings, -(-len(data) // settings.batch_size), target, init, partial, logger)
     start_epoch = state.epoch
@@ -76,22 +77,28 @@ def train_checkpoint(
 
 
 def _training_rows(
-    paths: list[storage.Location],
+    train: list[dict[str, Any]],
     holdout: dict[str, Any],
     settings: TrainConfig,
     memory_mb: int | None,
     target: torch.device,
     logger: Logger,
 ) -> batches.Rows:
-    """The training rows, held in memory when the budget allows, else streamed; the log says which."""
+    """The training rows, held in memory when the budget allows, else streamed; the log says which.
+
+    Rows that this process generated for the run are handed over rather than read back (see handoff).
+    """
+    paths = [storage.at(part["path"]) for part in train]
     groups = batches.row_groups(paths)
     blocks = [rows for _, _, rows in groups]
     rows, holdout_rows = sum(blocks), storage.open_features(storage.at(holdout["path"])).metadata.num_rows
     plan = memory.memory_plan(rows, holdout_rows, settings.shuffle_rows, memory_mb, max(blocks, default=0))
-    logger.info("Training on %s", plan.describe(rows, settings.shuffle_rows))
+    handed = handoff.take(train)
+    where = ", handed over as generated" if handed and plan.mode == "memory" else ""
+    logger.info("Training on %s%s", plan.describe(rows, settings.shuffle_rows), where)
     if plan.mode == "stream":
         return batches.Streamed(groups, target)
-    x, y = storage.read_dataset(paths)
+    x, y = handed or storage.read_dataset(paths)
     return batches.InMemory(x.to(target), y.to(target), blocks)
 
 

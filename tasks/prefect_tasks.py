@@ -21,7 +21,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from featuresum.tasks import cpu, data, monitoring, reports, retention, scoring, storage
+from featuresum.tasks import cpu, data, handoff, monitoring, reports, retention, scoring, storage
 from featuresum.tasks.drift_events import emit_drift, log_drift
 from featuresum.tasks.errors import EnvironmentFailure, InputError
 from featuresum.tasks.settings import TrainConfig
@@ -49,16 +49,22 @@ def generate_dataset(
         if done := _reuse(target, key, refresh):
             return done
         get_run_logger().info("Generating %d %s rows for %s (seed %d) into %s", rows, stream, day, seed, path)
-        # Each next shard is drawn while the last is written.
-        shards = cpu.ahead(data.generate_dataset(seed, stream, rows, date.fromisoformat(day), drift))
+        shards = data.generate_dataset(seed, stream, rows, date.fromisoformat(day), drift)
+        # A step of this process that trains on these rows is handed them as well (see handoff).
+        collector = handoff.Collector(rows) if handoff.wanted(str(target)) else None
+        # Each next shard is drawn (and collected) while the last is written.
+        shards = cpu.ahead(collector.collect(shards) if collector else shards)
         written = storage.write_parquet(target, storage.DATASET_SCHEMA, map(storage.shard_to_batch, shards))
         # The file is a pure function of its specification, which its path already hashes: the key of that
         # specification identifies its content, and stands in for a hash of its bytes as its fingerprint.
         spec = {"stream": stream, "rows": rows, "seed": seed, "day": day, "drift": drift}
         spec["code"] = storage.code_version()
-        return storage.write_manifest(
+        manifest = storage.write_manifest(
             target, key, specification_key=storage.spec_key(spec), written=written, rows=written.rows, date=day
         )
+        if collector:
+            handoff.keep(manifest["path"], manifest["fingerprint"], collector.rows())
+        return manifest
 
 
 @file_task(task_run_name="fingerprint-{path}", cache_key_fn=identity_key)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from featuresum.tasks import batches, data, fitting, memory, storage, training
+from featuresum.tasks import batches, data, fitting, handoff, memory, storage, training
 from featuresum.tasks.errors import InputError
 from featuresum.tasks.settings import TrainConfig
 
@@ -113,3 +113,54 @@ def test_training_a_checkpoint_streams_its_rows_under_a_small_budget(tmp_path, c
     assert manifests[15]["metrics"]["val_accuracy"] > 0.4
     with pytest.raises(InputError, match="even when streaming"):
         fitting.train_checkpoint(train, holdout, settings, "cpu", tmp_path / "m.pt", "key", memory_mb=5, logger=logger)
+
+
+def test_rows_handed_over_by_generation_are_the_rows_of_its_file(tmp_path):
+    path, rows = str(tmp_path / "part-0.parquet"), data.SHARD_ROWS + 700
+    kept = {"path": path, "fingerprint": "spec"}
+    with handoff.keeping([path]):
+        assert handoff.wanted(path) and not handoff.wanted(str(tmp_path / "other.parquet"))
+        collector = handoff.Collector(rows)
+        shards = collector.collect(data.generate_dataset(4, "train", rows))
+        storage.write_parquet(path, storage.DATASET_SCHEMA, map(storage.shard_to_batch, shards))
+        handoff.keep(path, "spec", collector.rows())
+        # Only the file with that fingerprint, only a window of that one file, and only once.
+        assert handoff.take([{**kept, "fingerprint": "other"}]) is None and handoff.take([kept, kept]) is None
+        x, y = handoff.take([kept])
+        assert handoff.take([kept]) is None
+        read_x, read_y = storage.read_dataset(path)
+        assert torch.equal(x, read_x) and torch.equal(y, read_y)
+        handoff.keep(path, "spec", (x, y))
+    # Released when the step ends; rows nobody asks for are never kept.
+    assert not handoff.wanted(path) and handoff.take([kept]) is None
+    handoff.keep(path, "spec", (x, y))
+    assert handoff.take([kept]) is None
+
+
+def test_a_run_trains_on_its_generated_rows_without_reading_them_back(prefect, tmp_path):
+    from test_flows import run_pipeline
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("prefect.task_runs")
+
+    def trained(artifacts: str, **options) -> tuple[dict, str]:
+        lines.clear()
+        logger.addHandler(handler)
+        try:
+            summary = run_pipeline(tmp_path, artifacts_dir=str(tmp_path / artifacts), **options)
+        finally:
+            logger.removeHandler(handler)
+        [line] = [line for line in lines if line.startswith("Training on")]
+        return summary, line
+
+    handed, line = trained("a")
+    assert "held in memory" in line and line.endswith(", handed over as generated"), line
+    # The same partitions, now cached, are read back from their files: the very same model.
+    read, line = trained("b")
+    assert "held in memory" in line and "handed over" not in line, line
+    assert read["metrics"] == handed["metrics"] and read["checkpoint"] != handed["checkpoint"]
+    # A window of several days reads its partitions back, also those it generates.
+    _, line = trained("c", window_days=2, run_date="2026-06-20")
+    assert "handed over" not in line, line

@@ -55,14 +55,26 @@ def feature_mean(day: date | None, drift: float) -> float:
     return 0.0 if day is None else drift * (day - REFERENCE_DATE).days
 
 
-def generate_shard(seed: int, stream: str, index: int, rows: int, day: date | None = None, drift: float = 0.0) -> Shard:
-    """Rows index*SHARD_ROWS .. +rows of the dataset named by (seed, stream), or of its partition for `day`."""
+def generate_shard(
+    seed: int,
+    stream: str,
+    index: int,
+    rows: int,
+    day: date | None = None,
+    drift: float = 0.0,
+    into: torch.Tensor | None = None,
+) -> Shard:
+    """Rows index*SHARD_ROWS .. +rows of the dataset named by (seed, stream), or of its partition for `day`.
+
+    `into`, a float32 tensor of at least NUM_FEATURES * rows values, receives the features.
+    """
     import torch
 
     parts = (seed, stream, index) if day is None else (seed, stream, day.isoformat(), index)
     generator = torch.Generator().manual_seed(derive_seed(*parts))
     # Column-major draws let each feature column go to Parquet without a transpose.
-    features = torch.randn(NUM_FEATURES, rows, generator=generator)
+    features = None if into is None else into[: NUM_FEATURES * rows].view(NUM_FEATURES, rows)
+    features = torch.randn(NUM_FEATURES, rows, generator=generator, out=features)
     if mean := feature_mean(day, drift):
         features += mean
     # numpy reduces down columns in float64 several times faster than torch does here.
@@ -82,7 +94,17 @@ def shard_sizes(rows: int) -> list[int]:
     return [SHARD_ROWS] * full + ([rest] if rest else [])
 
 
-def generate_dataset(seed: int, stream: str, rows: int, day: date | None = None, drift: float = 0.0) -> Iterator[Shard]:
-    """All shards of a dataset (or of its partition for `day`), in order; the same arguments give the same rows."""
+def generate_dataset(
+    seed: int, stream: str, rows: int, day: date | None = None, drift: float = 0.0, reuse: bool = False
+) -> Iterator[Shard]:
+    """All shards of a dataset (or of its partition for `day`), in order; the same arguments give the same rows.
+
+    With `reuse`, the features are drawn into two tensors in turn: a shard's stay valid while the next is
+    drawn (as a writer reading ahead needs) and are overwritten by the one after. A fresh 100 MB tensor
+    per shard is fresh memory to fault in every time: writing 1.6M rows took nearly twice as long.
+    """
+    import torch
+
+    ring = [torch.empty(NUM_FEATURES * SHARD_ROWS) for _ in range(2 if reuse else 0)]
     for index, size in enumerate(shard_sizes(rows)):
-        yield generate_shard(seed, stream, index, size, day, drift)
+        yield generate_shard(seed, stream, index, size, day, drift, ring[index % 2] if reuse else None)

@@ -49,12 +49,14 @@ def generate_dataset(
         if done := _reuse(target, key, refresh):
             return done
         get_run_logger().info("Generating %d %s rows for %s (seed %d) into %s", rows, stream, day, seed, path)
-        shards = data.generate_dataset(seed, stream, rows, date.fromisoformat(day), drift)
+        shards = data.generate_dataset(seed, stream, rows, date.fromisoformat(day), drift, reuse=True)
         # A step of this process that trains on these rows is handed them as well (see handoff).
         collector = handoff.Collector(rows) if handoff.wanted(str(target)) else None
         # Each next shard is drawn (and collected) while the last is written.
         shards = cpu.ahead(collector.collect(shards) if collector else shards)
-        written = storage.write_parquet(target, storage.DATASET_SCHEMA, map(storage.shard_to_batch, shards))
+        # Rows handed over are not read back soon: their file need not fill the page cache.
+        batches = map(storage.shard_to_batch, shards)
+        written = storage.write_parquet(target, storage.DATASET_SCHEMA, batches, cached=collector is None)
         # The file is a pure function of its specification, which its path already hashes: the key of that
         # specification identifies its content, and stands in for a hash of its bytes as its fingerprint.
         spec = {"stream": stream, "rows": rows, "seed": seed, "day": day, "drift": drift}

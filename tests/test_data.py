@@ -46,6 +46,20 @@ def test_full_shards_do_not_depend_on_dataset_size():
     assert small[1].sample_id.tolist() == list(range(data.SHARD_ROWS, data.SHARD_ROWS + 5))
 
 
+def test_reused_buffers_give_the_same_shards_each_valid_until_the_one_after():
+    day, rows = date(2026, 5, 1), 3 * data.SHARD_ROWS + 11
+    fresh = list(data.generate_dataset(2, "train", rows, day, drift=0.01))
+    reused = data.generate_dataset(2, "train", rows, day, drift=0.01, reuse=True)
+    previous, buffers = None, set()
+    for expected, shard in zip(fresh, reused, strict=True):
+        buffers.add(shard.features.data_ptr())
+        assert torch.equal(shard.features, expected.features) and torch.equal(shard.label, expected.label)
+        if previous is not None:  # the last shard is still intact while this one is in hand
+            assert torch.equal(previous[0].features, previous[1])
+        previous = (shard, expected.features)
+    assert len(buffers) == 2 < len(fresh)
+
+
 def test_streams_and_seeds_differ():
     def first(seed, stream):
         return data.generate_shard(seed, stream, 0, 10).features

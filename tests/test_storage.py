@@ -334,3 +334,18 @@ def test_a_feature_file_is_known_by_its_blake3_and_a_checkpoint_by_its_sha256(tm
     content = path.read_bytes()
     assert storage.fingerprint(path) == hashlib.sha256(content).hexdigest()
     assert storage.fingerprint(path, "blake3") == "blake3:" + blake3(content).hexdigest()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page-cache residency is read with util-linux's fincore")
+def test_a_file_written_uncached_leaves_the_page_cache_as_it_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage.parquet, "UNCACHED_SYNC_BYTES", 2**20)
+    shards = [data.generate_shard(6, "train", index, 500) for index in range(16)]  # 1.6 MB each
+    resident = {}
+    for cached in (True, False):
+        path = tmp_path / f"cached-{cached}.parquet"
+        storage.write_parquet(path, storage.DATASET_SCHEMA, map(storage.shard_to_batch, shards), cached=cached)
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True)
+        resident[cached] = int(out.stdout) / path.stat().st_size
+    assert (tmp_path / "cached-True.parquet").read_bytes() == (tmp_path / "cached-False.parquet").read_bytes()
+    # Written cached, the whole file stays in memory; uncached, about the last batch does.
+    assert resident[True] > 0.9 and resident[False] < 0.25, resident

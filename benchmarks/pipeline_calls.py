@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featuresum.tasks import checkpoint, data, scoring, storage, training
+from featuresum.tasks import checkpoint, cpu, data, scoring, storage, training
 
 
 def _task_key(task: str, parameters: dict[str, Any]) -> str:
@@ -16,7 +16,8 @@ def _task_key(task: str, parameters: dict[str, Any]) -> str:
 
 def generate_parquet(path: Path, rows: int, seed: int, stream: str = "train") -> dict[str, Any]:
     """What the generate task does: stream generated shards to Parquet, then record the manifest."""
-    shards = map(storage.shard_to_batch, data.generate_dataset(seed, stream, rows))
+    # Each next shard drawn into one of two reused buffers while the last is written, as in the task.
+    shards = map(storage.shard_to_batch, cpu.ahead(data.generate_dataset(seed, stream, rows, reuse=True)))
     written = storage.write_parquet(path, storage.DATASET_SCHEMA, shards)
     spec = {"stream": stream, "rows": rows, "seed": seed, "code": storage.code_version()}
     key = _task_key("generate_dataset", {"stream": stream, "rows": rows, "seed": seed, "path": str(path)})

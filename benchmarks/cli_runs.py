@@ -462,8 +462,9 @@ def model_quality(sizes: Sizes, cli: LocalPrefect, end_to_end_metrics: list[dict
         checks.append(Check(f"{label}: held-out accuracy", accuracy.format(".4f")))
     body = [
         "Each run is a fresh `featuresum run --json` against the warm local server. Training time is the "
-        "`train-model` task's run time as Prefect recorded it: reading the training and held-out Parquet "
-        "files, all epochs with a held-out evaluation and a checkpoint after each, and the final checkpoint.",
+        "`train-model` task's run time as Prefect recorded it: taking the training and held-out rows (handed "
+        "over by the generating tasks of the same run, see docs/caching-and-recovery.md), all epochs with a "
+        "held-out evaluation and a checkpoint after each, and the final checkpoint.",
         "",
         *table(
             [

@@ -52,9 +52,10 @@ def generation(sizes: Sizes, workdir: Path) -> Figure:
         f"{rows:,} rows of 784 float32 features, `sample_id` and `label` per repetition, {sizes.reps} repetitions, "
         "pipeline and bare interleaved; dirty pages are flushed (untimed) before each repetition.",
         "",
-        "- **pipeline**: `storage.write_parquet(path, DATASET_SCHEMA, map(shard_to_batch, data.generate_dataset(...)))`"
-        " then `storage.write_manifest(path, content_key=...)` (generated in shards, renamed into place after an "
-        "fsync).",
+        "- **pipeline**: `storage.write_parquet(path, DATASET_SCHEMA, map(shard_to_batch, "
+        "cpu.ahead(data.generate_dataset(..., reuse=True))))` then `storage.write_manifest(path, content_key=...)` "
+        "(generated in shards, each next one "
+        "drawn into one of two reused buffers while the last is written, renamed into place after an fsync).",
         "- **bare**: one `torch.randn(784, rows)`, labels by `bucketize` of the float64 sums, `pq.write_table` with "
         "dictionary, compression and statistics off (the pipeline's options), no fsync.",
         "",

@@ -161,6 +161,3 @@ def test_a_run_trains_on_its_generated_rows_without_reading_them_back(prefect, t
     read, line = trained("b")
     assert "held in memory" in line and "handed over" not in line, line
     assert read["metrics"] == handed["metrics"] and read["checkpoint"] != handed["checkpoint"]
-    # A window of several days reads its partitions back, also those it generates.
-    _, line = trained("c", window_days=2, run_date="2026-06-20")
-    assert "handed over" not in line, line

@@ -48,8 +48,10 @@ def train_checkpoint(
     target = torch.device(device)
     # Created before the data is read, so the first reading covers that time.
     threads = cpu.ThreadPolicy.for_torch() if target.type == "cpu" else None
-    data = _training_rows(train, holdout, settings, memory_mb, target, logger)
-    held_out = handoff.take([holdout]) or storage.read_dataset(storage.at(holdout["path"]))
+    # Rows this process generated for the run are handed over rather than read back (see handoff).
+    handed, handed_held_out = handoff.take(train), handoff.take([holdout])
+    data = _training_rows(train, holdout, settings, memory_mb, target, logger, handed, handed_held_out)
+    held_out = handed_held_out or storage.read_dataset(storage.at(holdout["path"]))
     held_out = tuple(t.to(target) for t in held_out)
     partial = storage.partial_checkpoint_path(path)
     state = _starting_state(settings, -(-len(data) // settings.batch_size), target, init, partial, logger)
@@ -83,17 +85,20 @@ def _training_rows(
     memory_mb: int | None,
     target: torch.device,
     logger: Logger,
+    handed: handoff.Rows | None = None,
+    handed_held_out: handoff.Rows | None = None,
 ) -> batches.Rows:
     """The training rows, held in memory when the budget allows, else streamed; the log says which.
 
-    Rows that this process generated for the run are handed over rather than read back (see handoff).
+    `handed` are the training rows when generation handed them over: memory they already take counts
+    as available, as it did when the run chose to keep them.
     """
     paths = [storage.at(part["path"]) for part in train]
     groups = batches.row_groups(paths)
     blocks = [rows for _, _, rows in groups]
     rows, holdout_rows = sum(blocks), storage.open_features(storage.at(holdout["path"])).metadata.num_rows
-    plan = memory.memory_plan(rows, holdout_rows, settings.shuffle_rows, memory_mb, max(blocks, default=0))
-    handed = handoff.take(train)
+    held = sum(t.nbytes for t in (*(handed or ()), *(handed_held_out or ())))
+    plan = memory.memory_plan(rows, holdout_rows, settings.shuffle_rows, memory_mb, max(blocks, default=0), held)
     where = ", handed over as generated" if handed and plan.mode == "memory" else ""
     logger.info("Training on %s%s", plan.describe(rows, settings.shuffle_rows), where)
     if plan.mode == "stream":

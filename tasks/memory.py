@@ -42,14 +42,20 @@ class MemoryPlan:
 
 
 def memory_plan(
-    rows: int, holdout_rows: int, shuffle_rows: int, budget_mb: int | None = None, block_rows: int = SHARD_ROWS
+    rows: int,
+    holdout_rows: int,
+    shuffle_rows: int,
+    budget_mb: int | None = None,
+    block_rows: int = SHARD_ROWS,
+    held: int = 0,
 ) -> MemoryPlan:
     """In memory when every row fits the budget, streamed when a shuffle buffer does; else an InputError.
 
-    The budget is `budget_mb`, or a share of the memory available now; the held-out rows are always in
-    memory. `block_rows` is the largest row group (generated files have SHARD_ROWS).
+    The budget is `budget_mb`, or a share of the memory available now plus `held`, the bytes of rows
+    this process already holds for the run; the held-out rows are always in memory. `block_rows` is
+    the largest row group (generated files have SHARD_ROWS).
     """
-    budget = budget_mb * MB if budget_mb else int(psutil.virtual_memory().available * AVAILABLE_SHARE)
+    budget = budget_mb * MB if budget_mb else int((psutil.virtual_memory().available + held) * AVAILABLE_SHARE)
     whole = (rows + holdout_rows) * ROW_BYTES
     if whole <= budget:
         return MemoryPlan("memory", whole, budget)

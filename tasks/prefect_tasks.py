@@ -54,9 +54,11 @@ def generate_dataset(
         collector = handoff.Collector(rows) if handoff.wanted(str(target)) else None
         # Each next shard is drawn (and collected) while the last is written.
         shards = cpu.ahead(collector.collect(shards) if collector else shards)
-        # Rows handed over are not read back soon: their file need not fill the page cache.
+        # Training rows handed over are not read back soon: their file need not fill the page cache (the
+        # held-out rows are: the promotion gate reads them again).
         batches = map(storage.shard_to_batch, shards)
-        written = storage.write_parquet(target, storage.DATASET_SCHEMA, batches, cached=collector is None)
+        cached = collector is None or stream != "train"
+        written = storage.write_parquet(target, storage.DATASET_SCHEMA, batches, cached=cached)
         # The file is a pure function of its specification, which its path already hashes: the key of that
         # specification identifies its content, and stands in for a hash of its bytes as its fingerprint.
         spec = {"stream": stream, "rows": rows, "seed": seed, "day": day, "drift": drift}

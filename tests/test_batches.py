@@ -1,6 +1,7 @@
 """Training rows in memory and streamed from Parquet: one order, the same batches, the same model; the memory plan."""
 
 import logging
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -161,3 +162,27 @@ def test_a_run_trains_on_its_generated_rows_without_reading_them_back(prefect, t
     read, line = trained("b")
     assert "held in memory" in line and "handed over" not in line, line
     assert read["metrics"] == handed["metrics"] and read["checkpoint"] != handed["checkpoint"]
+
+
+def test_rows_handed_over_count_as_memory_available_to_training(tmp_path, monkeypatch, caplog):
+    # The rows generation holds for training were taken from what is available: counted back, they still fit.
+    files, held = {}, 0
+    with handoff.keeping([str(tmp_path / "train.parquet"), str(tmp_path / "holdout.parquet")]):
+        for stream, rows in (("train", 3000), ("holdout", 800)):
+            path = str(tmp_path / f"{stream}.parquet")
+            collector = handoff.Collector(rows)
+            shards = collector.collect(data.generate_dataset(4, stream, rows))
+            storage.write_parquet(path, storage.DATASET_SCHEMA, map(storage.shard_to_batch, shards))
+            handoff.keep(path, stream, collector.rows())
+            files[stream] = {"path": path, "fingerprint": stream}
+            held += sum(t.nbytes for t in collector.rows())
+        available = held // 2
+        monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+        settings = TrainConfig(epochs=1, batch_size=128, seed=5, shuffle_rows=500)
+        logger = logging.getLogger("test-handed")
+        with caplog.at_level(logging.INFO, logger="test-handed"):
+            fitting.train_checkpoint(
+                [files["train"]], files["holdout"], settings, "cpu", tmp_path / "m.pt", "key", logger=logger
+            )
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training on")]
+    assert "held in memory" in line and line.endswith("handed over as generated"), line

@@ -221,28 +221,22 @@ def train(
     # One day's rows, trained on in memory, go from generation to training without a read back.
     handed = [_path("train", per_day, window.day, source), _path("holdout", window.holdout_samples, window.day, source)]
     with handoff.keeping(handed if plan.mode == "memory" and window.days == 1 else []):
-        return _train(options, window, init, device, run, source, per_day)
-
-
-def _train(
-    options: PipelineOptions, window: Window, init: dict | None, device: str, run: Run, source: Source, per_day: int
-) -> tuple[dict, dict, dict]:
-    partitions = [generate("train", per_day, day, source, run) for day in window.dates()]
-    # Streams of their own give the held-out rows (and the batch to score) seeds of their own.
-    holdout = generate("holdout", window.holdout_samples, window.day, source, run)
-    parameters = {
-        "train": [ref(part) for part in partitions],
-        "holdout": ref(holdout),
-        "config": asdict(options.train_config()),
-        "device": device,
-        "init": init,
-    }
-    artifacts_dir = storage.resolve(options.artifacts_dir)
-    path = storage.output_path(artifacts_dir, "model", parameters, ".pt")
-    registry = Registry(artifacts_dir)
-    _refuse_changed_version(path, registry)
-    refresh = run.refresh and not _is_registered(path, registry)
-    model = run.call_cached(train_model, path, refresh, **parameters, memory_mb=options.train_memory_mb)
+        partitions = [generate("train", per_day, day, source, run) for day in window.dates()]
+        # Streams of their own give the held-out rows (and the batch to score) seeds of their own.
+        holdout = generate("holdout", window.holdout_samples, window.day, source, run)
+        parameters = {
+            "train": [ref(part) for part in partitions],
+            "holdout": ref(holdout),
+            "config": asdict(options.train_config()),
+            "device": device,
+            "init": init,
+        }
+        artifacts_dir = storage.resolve(options.artifacts_dir)
+        path = storage.output_path(artifacts_dir, "model", parameters, ".pt")
+        registry = Registry(artifacts_dir)
+        _refuse_changed_version(path, registry)
+        refresh = run.refresh and not _is_registered(path, registry)
+        model = run.call_cached(train_model, path, refresh, **parameters, memory_mb=options.train_memory_mb)
     folder = storage.parent(storage.parent(partitions[-1]["path"]))
     dataset = {"path": str(folder), "rows": sum(part["rows"] for part in partitions)}
     return dataset, holdout, model
